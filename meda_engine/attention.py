@@ -1,0 +1,280 @@
+"""The attention function the decoder layers call (registered with transformers in `hf_glue`).
+
+It does three jobs, and never materialises a full ``L x L`` attention map:
+
+* **Prefill** (one pass over each row's real tokens): causal attention per row, with SDPA; or, for
+  rows whose method needs statistics over *all* prompt queries (H2O, LOOK-M, MEDA), a blockwise
+  attention over query chunks that produces the output and the statistics in the same pass
+  (column sums of the probabilities, row entropies). Window statistics (SnapKV) use only the last
+  ``w`` queries; MEDA's cross-modal entropy only the text x visual blocks. Memory per chunk is
+  bounded by ``PrefillStats.chunk_bytes``.
+* **Decode** (one query per row): attention over each row's valid cache slots, with a per-row key
+  mask built from the layer's own lengths (so layers of different lengths need no shared mask).
+  On CPU a grouped-query matmul path (SDPA with one query is slow on CPU, especially in bf16);
+  on CUDA, SDPA.
+* **Extend** (several new tokens on top of a cache, the query-agnostic protocol): SDPA with the mask
+  ``key_slot <= offset[row] + query_index``.
+
+Shapes (transformers' convention): ``query (B, H_q, q, D)``, ``key``/``value`` ``(B, H_kv, k, D)``;
+returns ``(B, q, H_q, D)``. Statistics are kept per KV head: query-head values are averaged over the
+heads of each GQA group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .hf_glue import CONTEXT_KWARG
+
+if TYPE_CHECKING:
+    from .cache import RaggedKVCache
+
+NEG = torch.finfo(torch.float32).min  # finite, so masked entries give 0 * NEG = 0, not NaN
+
+
+@dataclass
+class RowPlan:
+    """Which statistics to record for one row during prefill."""
+
+    column_sums: bool = False  # attention received by each key, summed over all prompt queries
+    row_entropy: bool = False  # mean entropy of the causal attention rows (MEDA "code")
+    window: int = 0  # observation window (SnapKV / PyramidKV), 0 = none
+    cross_modal: bool = False  # MEDA "paper" entropy
+    modality: torch.Tensor | None = None  # (L,) int8, 0 = text, needed by cross_modal
+
+    @property
+    def any(self) -> bool:
+        return self.column_sums or self.row_entropy or self.window > 0 or self.cross_modal
+
+
+@dataclass
+class RowStats:
+    """One row's statistics in one layer. Score tensors are ``(H_kv, L)`` float32 on the device."""
+
+    column_sums: torch.Tensor | None = None
+    window_scores: torch.Tensor | None = None
+    row_entropy: float | None = None
+    cross_modal_entropy: float | None = None
+
+
+@dataclass
+class PrefillStats:
+    plans: list[RowPlan]
+    n_layers: int
+    chunk_bytes: int = 64 * 2**20
+    layers: list[list[RowStats]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layers = [[RowStats() for _ in self.plans] for _ in range(self.n_layers)]
+
+
+@dataclass
+class ForwardContext:
+    """Travels with one model forward (as a keyword argument) to every attention call."""
+
+    cache: "RaggedKVCache"
+    phase: str  # "prefill" | "extend" | "decode"
+    stats: PrefillStats | None = None
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    ctx: ForwardContext | None = kwargs.get(CONTEXT_KWARG)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if ctx is None:
+        # Called outside the engine (no cache semantics known): plain causal attention.
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=None if attention_mask is None else attention_mask.bool(),
+            is_causal=attention_mask is None and query.shape[2] > 1, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        return out.transpose(1, 2).contiguous(), None
+    layer = ctx.cache.layers[module.layer_idx]
+    if ctx.phase == "prefill":
+        out = prefill_attention(query, key, value, scaling, ctx.cache.new_lengths, ctx.stats, module.layer_idx)
+    elif query.shape[2] == 1:
+        out = decode_attention(query, key, value, layer.offsets, scaling)
+    else:
+        out = extend_attention(query, key, value, layer.offsets, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---------------------------------------------------------------------------------------------------
+# prefill
+# ---------------------------------------------------------------------------------------------------
+def prefill_attention(query, key, value, scaling: float, lengths: list[int], stats: PrefillStats | None,
+                      layer_idx: int) -> torch.Tensor:
+    """Causal attention over each row's first ``lengths[b]`` slots; records the planned statistics."""
+    bsz, n_q_heads, q_len, _ = query.shape
+    gqa = n_q_heads != key.shape[1]
+    need_stats = stats is not None and any(p.any for p in stats.plans)
+    if not need_stats and all(n == q_len for n in lengths):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    out = torch.zeros_like(query)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        qb, kb, vb = query[b, :, :n], key[b, :, :n], value[b, :, :n]
+        plan = stats.plans[b] if stats is not None else RowPlan()
+        rec = stats.layers[layer_idx][b] if stats is not None else None
+        if plan.column_sums or plan.row_entropy:
+            ob, col, ent = blockwise_causal_attention(
+                qb, kb, vb, scaling, chunk_bytes=stats.chunk_bytes,
+                want_column_sums=plan.column_sums, want_row_entropy=plan.row_entropy,
+            )
+            rec.column_sums, rec.row_entropy = col, ent
+        else:
+            ob = F.scaled_dot_product_attention(qb[None], kb[None], vb[None], is_causal=True, scale=scaling,
+                                                enable_gqa=gqa)[0]
+        if plan.window:
+            rec.window_scores = window_attention_scores(qb, kb, scaling, plan.window)
+        if plan.cross_modal:
+            rec.cross_modal_entropy = cross_modal_entropy(qb, kb, scaling, plan.modality, stats.chunk_bytes)
+        out[b, :, :n] = ob
+    return out
+
+
+def _group(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``(H_q, n, D)`` -> ``(H_kv, G, n, D)``: the query heads that share a KV head, side by side."""
+    h, n, d = q.shape
+    return q.view(n_kv, h // n_kv, n, d)
+
+
+def _chunk_rows(n_q_heads: int, n_keys: int, chunk_bytes: int, temporaries: int = 3) -> int:
+    return max(16, chunk_bytes // max(1, n_q_heads * n_keys * 4 * temporaries))
+
+
+def blockwise_causal_attention(q, k, v, scaling: float, *, chunk_bytes: int, want_column_sums: bool,
+                               want_row_entropy: bool):
+    """Causal attention for one row, in query chunks, with statistics from the same probabilities.
+
+    ``q (H_q, L, D)``, ``k``/``v`` ``(H_kv, L, D)``. Returns the output ``(H_q, L, D)``, the column sums
+    ``(H_kv, L)`` (sum over queries, mean over a group's query heads) or None, and the mean row
+    entropy in nats (over queries and heads) or None. Scores and probabilities are float32.
+    """
+    n_kv, length, d = k.shape
+    qg = _group(q, n_kv)
+    g = qg.shape[1]
+    out = torch.empty_like(qg)
+    kf = k.float()
+    col = torch.zeros((n_kv, length), dtype=torch.float32, device=q.device) if want_column_sums else None
+    ent_total = torch.zeros((), dtype=torch.float64, device=q.device) if want_row_entropy else None
+    step = _chunk_rows(q.shape[0], length, chunk_bytes)
+    for s in range(0, length, step):
+        e = min(length, s + step)
+        c = e - s
+        qc = qg[:, :, s:e].reshape(n_kv, g * c, d).float()
+        scores = torch.matmul(qc, kf[:, :e].transpose(1, 2)).mul_(scaling)  # (H_kv, G*c, e)
+        # query s+i sees keys <= s+i: mask the upper triangle of the diagonal block
+        diag = torch.ones((c, c), dtype=torch.bool, device=q.device).triu_(1)
+        scores.view(n_kv, g, c, e)[..., s:e].masked_fill_(diag, NEG)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - lse)
+        if want_row_entropy:
+            # H = -sum p log p = lse - sum p * s
+            ent_total += (lse.squeeze(-1) - torch.linalg.vecdot(probs, scores)).sum(dtype=torch.float64)
+        if want_column_sums:
+            col[:, :e] += probs.sum(dim=1)
+        oc = torch.matmul(probs.to(v.dtype), v[:, :e])  # (H_kv, G*c, D)
+        out[:, :, s:e] = oc.view(n_kv, g, c, d)
+        del scores, probs, lse
+    if col is not None:
+        col /= g
+    ent = None if ent_total is None else float(ent_total) / (q.shape[0] * length)
+    return out.view(q.shape), col, ent
+
+
+def window_attention_scores(q, k, scaling: float, window: int) -> torch.Tensor:
+    """SnapKV's statistic: attention of the last ``window`` queries, summed, per KV head ``(H_kv, L)``."""
+    n_kv, length, d = k.shape
+    w = min(window, length)
+    qg = _group(q[:, length - w:], n_kv)
+    g = qg.shape[1]
+    scores = torch.matmul(qg.reshape(n_kv, g * w, d).float(), k.float().transpose(1, 2)).mul_(scaling)
+    diag = torch.ones((w, w), dtype=torch.bool, device=q.device).triu_(1)
+    scores.view(n_kv, g, w, length)[..., length - w:].masked_fill_(diag, NEG)
+    return torch.softmax(scores, dim=-1).sum(dim=1) / g
+
+
+def _masked_entropy_mean(qsel, ksel, q_pos, k_pos, scaling: float, chunk_bytes: int) -> tuple[float, int]:
+    """Sum of row entropies of softmax(q k^T) restricted to keys with ``k_pos <= q_pos`` (causal), over
+    rows that see at least one key, and the number of such (row, head) pairs.
+
+    ``qsel (H_q, nq, D)``, ``ksel (H_kv, nk, D)``, positions ``(nq,)`` and ``(nk,)``.
+    """
+    n_kv, nk, d = ksel.shape
+    if nk == 0 or qsel.shape[1] == 0:
+        return 0.0, 0
+    qg = _group(qsel, n_kv)
+    g = qg.shape[1]
+    kf = ksel.float().transpose(1, 2)
+    total, count = 0.0, 0
+    step = _chunk_rows(qsel.shape[0], nk, chunk_bytes)
+    for s in range(0, qsel.shape[1], step):
+        e = min(qsel.shape[1], s + step)
+        c = e - s
+        visible = k_pos[None, :] <= q_pos[s:e, None]  # (c, nk)
+        valid_rows = visible.any(dim=1)  # (c,)
+        if not bool(valid_rows.any()):
+            continue
+        scores = torch.matmul(qg[:, :, s:e].reshape(n_kv, g * c, d).float(), kf).mul_(scaling)
+        scores.view(n_kv, g, c, nk).masked_fill_(~visible, NEG)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - lse)
+        ent = (lse.squeeze(-1) - torch.linalg.vecdot(probs, scores)).view(n_kv, g, c)
+        total += float(ent[..., valid_rows].sum(dtype=torch.float64))
+        count += int(valid_rows.sum()) * n_kv * g
+    return total, count
+
+
+def cross_modal_entropy(q, k, scaling: float, modality: torch.Tensor, chunk_bytes: int) -> float | None:
+    """MEDA's layer statistic (paper): E_TV + E_VT, the mean row entropies of text queries attending
+    visual keys only and of visual queries attending text keys only (each softmax renormalised over
+    the other modality, causal). A direction with no causally valid rows contributes 0. Returns None
+    when the prompt has no text or no visual tokens."""
+    modality = modality.to(q.device)
+    pos = torch.arange(modality.shape[0], device=q.device)
+    text_pos = pos[modality == 0]
+    vis_pos = pos[modality != 0]
+    if text_pos.numel() == 0 or vis_pos.numel() == 0:
+        return None
+    e_tv, n_tv = _masked_entropy_mean(q[:, text_pos], k[:, vis_pos], text_pos, vis_pos, scaling, chunk_bytes)
+    e_vt, n_vt = _masked_entropy_mean(q[:, vis_pos], k[:, text_pos], vis_pos, text_pos, scaling, chunk_bytes)
+    return (e_tv / n_tv if n_tv else 0.0) + (e_vt / n_vt if n_vt else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode and extend
+# ---------------------------------------------------------------------------------------------------
+def decode_attention(query, key, value, offsets: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One new query per row over slots ``<= offsets[b]`` of its row. Returns ``(B, H_q, 1, D)``."""
+    bsz, n_q_heads, _, d = query.shape
+    n_kv, n_keys = key.shape[1], key.shape[2]
+    # With one row the written extent is exactly that row's valid slots: no mask needed.
+    valid = None if bsz == 1 else torch.arange(n_keys, device=query.device)[None, :] <= offsets[:, None]
+    if query.device.type == "cuda":
+        mask = None if valid is None else valid[:, None, None, :]
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                              enable_gqa=n_q_heads != n_kv)
+    g = n_q_heads // n_kv
+    qg = query.view(bsz, n_kv, g, d)
+    scores = torch.matmul(qg, key.transpose(-1, -2)).float().mul_(scaling)  # (B, H_kv, G, k)
+    if valid is not None:
+        scores.masked_fill_(~valid[:, None, None, :], NEG)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).view(bsz, n_q_heads, 1, d)
+
+
+def extend_attention(query, key, value, offsets: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Several new tokens per row on top of a cache: slot ``j`` is visible to query ``i`` of row ``b``
+    iff ``j <= offsets[b] + i``."""
+    q_len, n_keys = query.shape[2], key.shape[2]
+    slots = torch.arange(n_keys, device=query.device)
+    limit = offsets[:, None] + torch.arange(q_len, device=query.device)[None, :]  # (B, q)
+    mask = slots[None, None, :] <= limit[:, :, None]  # (B, q, k)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])

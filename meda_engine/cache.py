@@ -1,0 +1,151 @@
+"""The engine's KV cache: per-layer buffers whose rows may hold different numbers of tokens.
+
+Layout of layer ``l``: ``keys``/``values`` of shape ``(B, H_kv, capacity_l, D)``, row ``b`` valid in slots
+``[0, lengths[b])``. Layers differ in capacity (after compression each layer holds only its own kept
+tokens plus room for the tokens still to be generated), rows differ in length (different prompts
+and budgets). A forward that writes ``q`` tokens puts row ``b``'s tokens at slots
+``offsets[b] .. offsets[b] + q``, where ``offsets`` are the lengths before the write; with right
+padding this makes the mask of every layer simply ``key_slot <= offsets[b] + query_index`` (pad keys
+of a row sit after its real tokens, so only that row's pad queries can see them).
+
+Nothing here is shared between calls: an `Engine.generate` call builds its own cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hf_glue import Cache
+
+
+class RaggedLayer:
+    """One layer's K/V storage. ``lengths``/``offsets`` live on the device (masks) and on the host
+    (slicing without a device sync)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, batch_size: int, reserve: int):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.reserve = reserve
+        self.lengths_host = [0] * batch_size
+        self.offsets_host = [0] * batch_size
+        self.lengths: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[2])
+
+    def _allocate(self, like: torch.Tensor, capacity: int) -> None:
+        b, h, _, d = like.shape
+        # Zeros, not empty: slots past a row's length are masked, but garbage (NaN) in a masked value
+        # slot would still turn 0 * NaN into NaN in the probability-times-value product.
+        self.keys = torch.zeros((b, h, capacity, d), dtype=like.dtype, device=like.device)
+        self.values = torch.zeros_like(self.keys)
+
+    def _grow(self, needed: int) -> None:
+        assert self.keys is not None and self.values is not None
+        new_keys = torch.zeros((*self.keys.shape[:2], needed + self.reserve, self.keys.shape[3]),
+                               dtype=self.keys.dtype, device=self.keys.device)
+        new_values = torch.zeros_like(new_keys)
+        new_keys[:, :, : self.keys.shape[2]] = self.keys
+        new_values[:, :, : self.values.shape[2]] = self.values
+        self.keys, self.values = new_keys, new_values
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, new_lengths: list[int],
+              new_lengths_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``(B, H_kv, q, D)`` new states; return the views the attention reads."""
+        q = key_states.shape[2]
+        if self.keys is None:
+            self._allocate(key_states, q + self.reserve)
+            self.offsets_host = [0] * len(new_lengths)
+            self.offsets = torch.zeros(len(new_lengths), dtype=torch.long, device=key_states.device)
+            self.keys[:, :, :q] = key_states
+            self.values[:, :, :q] = value_states
+        else:
+            assert self.lengths is not None
+            self.offsets_host = list(self.lengths_host)
+            self.offsets = self.lengths
+            end = max(self.offsets_host) + q
+            if end > self.capacity:
+                self._grow(end)
+            rows = torch.arange(key_states.shape[0], device=key_states.device)
+            if q == 1:
+                self.keys[rows, :, self.offsets] = key_states[:, :, 0]
+                self.values[rows, :, self.offsets] = value_states[:, :, 0]
+            else:
+                slots = self.offsets[:, None] + torch.arange(q, device=key_states.device)[None]
+                self.keys[rows[:, None], :, slots] = key_states.transpose(1, 2)
+                self.values[rows[:, None], :, slots] = value_states.transpose(1, 2)
+        self.lengths_host = [o + n for o, n in zip(self.offsets_host, new_lengths)]
+        self.lengths = self.offsets + new_lengths_dev
+        extent = max(self.offsets_host) + q
+        return self.keys[:, :, :extent], self.values[:, :, :extent]
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, lengths: list[int]) -> None:
+        """Install compacted buffers (the old ones are released when no longer referenced)."""
+        self.keys, self.values = keys, values
+        self.lengths_host = list(lengths)
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=keys.device)
+        self.offsets_host = list(lengths)
+        self.offsets = self.lengths
+
+    # -- accounting: measured from the tensors held ----------------------------------------------
+    def row_bytes(self, row: int) -> int:
+        """Bytes of K and V that row ``row`` holds in its valid slots."""
+        if self.keys is None:
+            return 0
+        n = self.lengths_host[row]
+        k = self.keys[row, :, :n]
+        v = self.values[row, :, :n]
+        return k.numel() * k.element_size() + v.numel() * v.element_size()
+
+    def allocated_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
+
+
+class RaggedKVCache(Cache):
+    """A transformers ``Cache`` whose ``update`` writes into `RaggedLayer` buffers.
+
+    ``begin_forward(new_lengths)`` must be called before each model forward with the number of real
+    (non-pad) tokens each row contributes; the attention function reads each layer's ``offsets``.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, reserve: int):
+        super().__init__(layers=[RaggedLayer(batch_size, reserve) for _ in range(n_layers)])
+        self.n_rows = batch_size
+        self.new_lengths: list[int] = [0] * batch_size
+        self._new_lengths_dev: torch.Tensor | None = None
+
+    def begin_forward(self, new_lengths: list[int], device: torch.device) -> None:
+        if len(new_lengths) != self.n_rows:
+            raise ValueError(f"expected {self.n_rows} row lengths, got {len(new_lengths)}")
+        self.new_lengths = list(new_lengths)
+        self._new_lengths_dev = torch.tensor(new_lengths, dtype=torch.long, device=device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        assert self._new_lengths_dev is not None, "begin_forward() was not called"
+        return self.layers[layer_idx].write(key_states, value_states, self.new_lengths, self._new_lengths_dev)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.layers[layer_idx].lengths_host, default=0)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    # -- accounting --------------------------------------------------------------------------------
+    def row_bytes(self, row: int) -> int:
+        return sum(layer.row_bytes(row) for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def layer_lengths(self, row: int) -> list[int]:
+        return [layer.lengths_host[row] for layer in self.layers]

@@ -1,0 +1,26 @@
+"""KV-cache compression: scorers, allocators, selection, merging, and the named methods."""
+
+from .allocators import EntropyAllocator, PyramidAllocator, UniformAllocator, clamp_to_mean, ratios_to_tokens
+from .compressor import CompressionOutcome, compress_cache
+from .merge import KVMerger
+from .methods import Method, build_method
+from .scorers import AccumulatedAttentionScorer, RecencyScorer, WindowAttentionScorer
+from .selection import recent_window, select_tokens
+
+__all__ = [
+    "AccumulatedAttentionScorer",
+    "CompressionOutcome",
+    "EntropyAllocator",
+    "KVMerger",
+    "Method",
+    "PyramidAllocator",
+    "RecencyScorer",
+    "UniformAllocator",
+    "WindowAttentionScorer",
+    "build_method",
+    "clamp_to_mean",
+    "compress_cache",
+    "ratios_to_tokens",
+    "recent_window",
+    "select_tokens",
+]

@@ -1,0 +1,328 @@
+"""The engine: load a checkpoint, then prefill -> compress -> decode, batched, with explicit positions.
+
+One `generate` call runs this loop for a batch of requests (gpt-fast style, nothing inferred from
+cache lengths):
+
+1. **prepare** each request (adapter: chat template, placeholder expansion, pixels, modality mask) and
+   compute its positions (M-RoPE for the Qwen-VL family);
+2. **prefill** the right-padded batch once into a fresh `RaggedKVCache`; the attention function
+   records the statistics each row's method needs;
+3. **compress** each row's cache (scorer -> per-layer allocation -> selection -> merge); every layer
+   then physically holds only its kept tokens;
+4. optionally **extend** with the deferred query tokens (query-agnostic protocol);
+5. **decode** one token per row per step; row ``b``'s ``s``-th generated token is fed at logical
+   position ``next_position[b] + s``, i.e. positions continue from the original prompt length no
+   matter how much was evicted.
+
+Per-request compression and sampling settings travel with the request; the engine holds no
+per-request state between calls, and a lock serialises concurrent calls on one model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import hf_glue
+from .attention import ForwardContext, PrefillStats
+from .cache import RaggedKVCache
+from .compression import CompressionOutcome, build_method, compress_cache
+from .config import CompressionConfig, ConfigError, GenerationConfig
+from .memory import PeakMemory, synchronize
+from .models import ModelAdapter, PreparedPrompt, build_adapter
+from .models.loading import load_preprocessor_config, resolve_checkpoint
+from .request import Request, Result, Telemetry
+from .sampling import make_generators, next_tokens
+
+
+@dataclass
+class PreparedRequest:
+    """A request whose prompt was already tokenised and preprocessed (`Engine.prepare`)."""
+
+    request: Request
+    prompt: PreparedPrompt
+    generation: GenerationConfig
+
+
+@dataclass
+class StreamEvent:
+    """Emitted by `Engine.stream`: new text for one request, and its `Result` once it finishes."""
+
+    index: int  # position of the request in the call
+    request_id: str
+    delta: str
+    token_id: int | None
+    result: Result | None = None
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, adapter: ModelAdapter, *, source: str = "",
+                 max_batch_size: int = 16, stats_chunk_bytes: int = 64 * 2**20):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.source = source
+        self.max_batch_size = max_batch_size
+        self.stats_chunk_bytes = stats_chunk_bytes
+        self.dims = hf_glue.text_dims(model.config)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._lock = threading.Lock()
+        self._eos = set(adapter.eos_token_ids)
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                        cache_dir: str | None = None, revision: str | None = None,
+                        storage_options: dict | None = None, max_pixels_per_frame: int | None = None,
+                        **engine_kwargs) -> "Engine":
+        """Load from a hub id, a local checkpoint directory or an ``s3://`` prefix."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = resolve_checkpoint(source, cache_dir=cache_dir, revision=revision, storage_options=storage_options)
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        kwargs = {"max_pixels_per_frame": max_pixels_per_frame} if max_pixels_per_frame else {}
+        adapter = build_adapter(config, tokenizer, load_preprocessor_config(Path(path)), **kwargs)
+        dev = _resolve_device(device)
+        model = hf_glue.load_model(str(path), config, multimodal=adapter.multimodal,
+                                   dtype=_resolve_dtype(dtype, dev), device=dev)
+        return cls(model, tokenizer, adapter, source=str(source), **engine_kwargs)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, preprocessor_config: dict | None = None,
+                   **engine_kwargs) -> "Engine":
+        """Wrap an already-built model (switching its decoder to the engine's attention)."""
+        hf_glue.use_engine_attention(model)
+        adapter = build_adapter(model.config, tokenizer, preprocessor_config)
+        return cls(model.eval(), tokenizer, adapter, **engine_kwargs)
+
+    # ---- public API -----------------------------------------------------------------------------
+    def prepare(self, request: Request, *, max_new_tokens: int | None = None) -> PreparedRequest:
+        """Tokenise and preprocess (CPU only). Raises on a request that cannot run."""
+        gen = request.generation
+        if max_new_tokens is not None:
+            gen = dataclasses.replace(gen, max_new_tokens=max_new_tokens)
+        prompt = self.adapter.prepare(request, max_new_tokens=gen.max_new_tokens)
+        return PreparedRequest(request, prompt, gen)
+
+    def generate(self, requests: Sequence[Request | PreparedRequest], *,
+                 compression: CompressionConfig | None = None, max_new_tokens: int | None = None) -> list[Result]:
+        results: list[Result | None] = [None] * len(requests)
+        for event in self.stream(requests, compression=compression, max_new_tokens=max_new_tokens):
+            if event.result is not None:
+                results[event.index] = event.result
+        return [r for r in results if r is not None]
+
+    def stream(self, requests: Sequence[Request | PreparedRequest], *,
+               compression: CompressionConfig | None = None, max_new_tokens: int | None = None) -> Iterator[StreamEvent]:
+        """Like `generate`, but yields text as it is produced (one event per new token per request)."""
+        if not requests:
+            return
+        prepared = [
+            r if isinstance(r, PreparedRequest) else self.prepare(r, max_new_tokens=max_new_tokens) for r in requests
+        ]
+        if max_new_tokens is not None:
+            prepared = [
+                p if p.generation.max_new_tokens == max_new_tokens
+                else dataclasses.replace(p, generation=dataclasses.replace(p.generation, max_new_tokens=max_new_tokens))
+                for p in prepared
+            ]
+        default = compression or CompressionConfig(method="full")
+        for start in range(0, len(prepared), self.max_batch_size):
+            chunk = prepared[start : start + self.max_batch_size]
+            with self._lock:
+                for event in self._run_batch(chunk, default):
+                    event.index += start
+                    yield event
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[PreparedRequest], default: CompressionConfig) -> Iterator[StreamEvent]:
+        dev, adapter, dims = self.device, self.adapter, self.dims
+        bsz = len(batch)
+        prompts = [p.prompt for p in batch]
+        gens = [p.generation for p in batch]
+        comps = [p.request.compression or default for p in batch]
+        methods = [build_method(c) for c in comps]
+        positions = [adapter.positions(self.model, p) for p in prompts]
+        n_ctx = [p.n_context for p in prompts]
+        n_query = [p.length - p.n_context for p in prompts]
+        ctx_pad, query_pad = max(n_ctx), max(n_query)
+        max_new = max(g.max_new_tokens for g in gens)
+        axes = adapter.position_axes
+
+        input_ids = torch.full((bsz, ctx_pad), adapter.pad_token_id, dtype=torch.long)
+        pos = torch.zeros((axes, bsz, ctx_pad), dtype=torch.long)
+        mm_types = torch.zeros((bsz, ctx_pad), dtype=torch.int32)
+        for b, p in enumerate(prompts):
+            n = n_ctx[b]
+            input_ids[b, :n] = p.input_ids[:n]
+            pos[:, b, :n] = positions[b][0][:, :n]
+            mm_types[b, :n] = p.modality[:n].to(torch.int32)
+        vision = adapter.collate_vision(prompts, dev)
+
+        row_plans = [m.row_plan(p.modality[: n_ctx[b]], n_ctx[b]) for b, (m, p) in enumerate(zip(methods, prompts))]
+        plans = [rp[0] for rp in row_plans]
+        variants = [rp[1] for rp in row_plans]
+        stats = PrefillStats(plans, dims.n_layers, self.stats_chunk_bytes) if any(p.any for p in plans) else None
+        cache = RaggedKVCache(dims.n_layers, bsz, reserve=max_new + query_pad)
+        peak = PeakMemory(dev)
+        peak.reset()
+
+        # -- prefill
+        t0 = time.perf_counter()
+        cache.begin_forward(n_ctx, dev)
+        hidden = hf_glue.base_forward(
+            self.model, input_ids=input_ids.to(dev), position_ids=adapter.model_position_ids(pos).to(dev),
+            cache=cache, context=ForwardContext(cache, "prefill", stats), vision=vision,
+            mm_token_type_ids=mm_types.to(dev) if adapter.multimodal else None,
+        )
+        last = hidden[torch.arange(bsz, device=dev), torch.tensor(n_ctx, device=dev) - 1]
+        logits = hf_glue.lm_head(self.model)(last).float()
+        del hidden
+        synchronize(dev)
+        t1 = time.perf_counter()
+        kv_full = [cache.row_bytes(b) for b in range(bsz)]
+
+        # -- compress
+        if any(m.scorer is not None for m in methods):
+            outcomes = compress_cache(cache, stats, methods, [p.modality[: n_ctx[b]] for b, p in enumerate(prompts)],
+                                      n_ctx, variants, reserve=max_new + query_pad)
+        else:
+            outcomes = [CompressionOutcome(cache.layer_lengths(b), None, None) for b in range(bsz)]
+        del stats
+        synchronize(dev)
+        t2 = time.perf_counter()
+        kv_kept = [cache.row_bytes(b) for b in range(bsz)]
+
+        # -- extend with the deferred query (query-agnostic protocol)
+        if query_pad:
+            q_ids = torch.full((bsz, query_pad), adapter.pad_token_id, dtype=torch.long)
+            q_pos = torch.zeros((axes, bsz, query_pad), dtype=torch.long)
+            for b, p in enumerate(prompts):
+                q_ids[b, : n_query[b]] = p.input_ids[n_ctx[b]:]
+                q_pos[:, b, : n_query[b]] = positions[b][0][:, n_ctx[b]:]
+            cache.begin_forward(n_query, dev)
+            hidden = hf_glue.base_forward(
+                self.model, input_ids=q_ids.to(dev), position_ids=adapter.model_position_ids(q_pos).to(dev),
+                cache=cache, context=ForwardContext(cache, "extend"), vision={},
+                mm_token_type_ids=torch.zeros_like(q_ids, dtype=torch.int32).to(dev) if adapter.multimodal else None,
+            )
+            for b in range(bsz):
+                if n_query[b]:
+                    logits[b] = hf_glue.lm_head(self.model)(hidden[b, n_query[b] - 1]).float()
+            del hidden
+
+        # -- decode
+        generators = make_generators(gens, dev)
+        next_pos = torch.tensor([pp[1] for pp in positions], dtype=torch.long)
+        generated: list[list[int]] = [[] for _ in range(bsz)]
+        emitted = [""] * bsz
+        finish: list[str | None] = [None] * bsz
+        t3 = time.perf_counter()
+        step = 0
+        while True:
+            tokens = next_tokens(logits, gens, generators).tolist()
+            for b in range(bsz):
+                if finish[b] is not None:
+                    continue
+                tok = int(tokens[b])
+                if tok in self._eos:
+                    finish[b] = "stop"
+                else:
+                    generated[b].append(tok)
+                    text, stopped = self._text(generated[b], gens[b])
+                    if stopped:
+                        finish[b] = "stop"
+                    elif len(generated[b]) >= gens[b].max_new_tokens:
+                        finish[b] = "length"
+                    delta = text[len(emitted[b]):] if text.startswith(emitted[b]) else text
+                    if delta and not text.endswith("\ufffd"):
+                        emitted[b] = text
+                        yield StreamEvent(b, batch[b].request.request_id, delta, tok)
+            if all(f is not None for f in finish):
+                break
+            feed = torch.tensor(
+                [generated[b][-1] if finish[b] is None else adapter.pad_token_id for b in range(bsz)], dtype=torch.long
+            )[:, None]
+            step_pos = (next_pos + step)[None, :, None].expand(axes, -1, -1)
+            cache.begin_forward([1] * bsz, dev)
+            hidden = hf_glue.base_forward(
+                self.model, input_ids=feed.to(dev), position_ids=adapter.model_position_ids(step_pos).to(dev),
+                cache=cache, context=ForwardContext(cache, "decode"), vision={},
+                mm_token_type_ids=torch.zeros_like(feed, dtype=torch.int32).to(dev) if adapter.multimodal else None,
+            )
+            logits = hf_glue.lm_head(self.model)(hidden[:, -1]).float()
+            step += 1
+        synchronize(dev)
+        t4 = time.perf_counter()
+        peak_bytes = peak.peak_bytes()
+        allocated = cache.allocated_bytes()
+        decode_s = t4 - t3
+
+        for b, item in enumerate(batch):
+            text, _ = self._text(generated[b], gens[b])
+            p, m, out = prompts[b], methods[b], outcomes[b]
+            n_gen = len(generated[b])
+            tele = Telemetry(
+                method=m.name,
+                budget=comps[b].budget if m.scorer is not None else 1.0,
+                entropy_variant=out.entropy_variant,
+                n_prompt_tokens=p.length,
+                n_text_tokens=p.n_text,
+                n_visual_tokens=p.n_visual,
+                n_frames=p.n_frames,
+                n_generated_tokens=n_gen,
+                kv_bytes_full=kv_full[b],
+                kv_bytes_kept=kv_kept[b],
+                kv_keep_ratio=kv_kept[b] / kv_full[b] if kv_full[b] else 1.0,
+                kv_bytes_allocated=allocated,
+                layer_budgets=list(out.layer_tokens),
+                layer_entropies=out.layer_entropies,
+                prefill_s=t1 - t0,
+                compress_s=t2 - t1,
+                decode_s=decode_s,
+                decode_tokens_per_s=(max(n_gen - 1, 0) / decode_s) if decode_s > 0 else 0.0,
+                peak_mem_bytes=peak_bytes,
+                peak_mem_kind=peak.kind,
+                batch_size=bsz,
+                device=str(dev),
+                dtype=str(self.dtype).replace("torch.", ""),
+            )
+            result = Result(item.request.request_id, text, list(generated[b]), finish[b] or "length", tele)
+            yield StreamEvent(b, item.request.request_id, "", None, result)
+
+    def _text(self, ids: list[int], gen: GenerationConfig) -> tuple[str, bool]:
+        """Decoded text, cut at the first stop string (and whether one was found)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in gen.stop:
+            i = text.find(s)
+            if s and i >= 0:
+                return text[:i], True
+        return text, False

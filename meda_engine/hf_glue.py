@@ -1,0 +1,130 @@
+"""Everything that depends on transformers' internals, in one place (tested with transformers 5.2-5.23).
+
+* the engine's attention function is registered with ``AttentionInterface`` under ``ATTENTION_NAME``;
+  no mask function is registered for that name, so transformers passes ``attention_mask=None`` and
+  the function builds each layer's mask from that layer's own cache lengths;
+* the text decoder loads with that attention, the vision tower with SDPA;
+* the engine calls the base model (``model.model``) with explicit ``position_ids`` and its own cache
+  object, and applies the LM head to the positions it needs only;
+* M-RoPE positions come from the model's own ``get_rope_index``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+
+ATTENTION_NAME = "meda"
+CONTEXT_KWARG = "meda_ctx"  # the keyword that carries the engine's ForwardContext to attention
+
+__all__ = ["ATTENTION_NAME", "CONTEXT_KWARG", "Cache", "TextDims", "register_attention", "text_dims"]
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Register `meda_engine.attention.attention_forward` (idempotent; a registry, not request state)."""
+    global _registered
+    if _registered:
+        return
+    from .attention import attention_forward
+
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    _registered = True
+
+
+def attn_implementation(config: Any) -> str | dict[str, str]:
+    """The decoder uses the engine's attention; a vision tower keeps SDPA."""
+    if "text_config" in getattr(config, "sub_configs", {}):
+        impl = {"text_config": ATTENTION_NAME}
+        if "vision_config" in config.sub_configs:
+            impl["vision_config"] = "sdpa"
+        return impl
+    return ATTENTION_NAME
+
+
+@dataclass(frozen=True)
+class TextDims:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+def text_dims(config: Any) -> TextDims:
+    tc = config.get_text_config(decoder=True)
+    n_heads = int(tc.num_attention_heads)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_heads
+    return TextDims(
+        n_layers=int(tc.num_hidden_layers),
+        n_heads=n_heads,
+        n_kv_heads=int(getattr(tc, "num_key_value_heads", None) or n_heads),
+        head_dim=int(head_dim),
+        hidden_size=int(tc.hidden_size),
+    )
+
+
+def model_class_for(config: Any, multimodal: bool):
+    return transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
+
+
+def load_model(path: str, config: Any, *, multimodal: bool, dtype: torch.dtype, device: torch.device):
+    register_attention()
+    cls = model_class_for(config, multimodal)
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(config))
+    return model.to(device).eval()
+
+
+def use_engine_attention(model: Any) -> None:
+    """Switch an already-built model (e.g. from ``_from_config``) to the engine's attention."""
+    register_attention()
+    model.set_attn_implementation(attn_implementation(model.config))
+
+
+def base_model(model: Any):
+    """The part of a ``*ForCausalLM`` / ``*ForConditionalGeneration`` that returns hidden states."""
+    return model.model
+
+
+def lm_head(model: Any):
+    return model.get_output_embeddings()
+
+
+def base_forward(model: Any, *, input_ids, position_ids, cache, context, vision: dict[str, torch.Tensor],
+                 mm_token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    """Run the decoder (and the vision tower, when pixels are given); return the last hidden states."""
+    kwargs: dict[str, Any] = dict(vision)
+    if mm_token_type_ids is not None:
+        kwargs["mm_token_type_ids"] = mm_token_type_ids
+    out = base_model(model)(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+        **{CONTEXT_KWARG: context},
+    )
+    return out.last_hidden_state
+
+
+def mrope_positions(model: Any, *, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                    image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+                    second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+    """3-D M-RoPE positions ``(3, L)`` of one unpadded prompt, from the model's ``get_rope_index``."""
+    fn = base_model(model).get_rope_index
+    kwargs: dict[str, Any] = {
+        "mm_token_type_ids": mm_token_type_ids[None],
+        "image_grid_thw": image_grid_thw,
+        "video_grid_thw": None if video_grid_thw is None else video_grid_thw.clone(),
+    }
+    if second_per_grid_ts is not None and "second_per_grid_ts" in inspect.signature(fn).parameters:
+        kwargs["second_per_grid_ts"] = second_per_grid_ts
+    pos, _ = fn(input_ids[None], **kwargs)
+    return pos[:, 0].to(torch.long)

@@ -1,0 +1,43 @@
+"""Adapter for plain causal LMs (Llama, Qwen2, Qwen3, Mistral): text-only prompts, 1-D positions."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..config import ConfigError
+from ..request import Request
+from .base import ModelAdapter, PreparedPrompt
+
+# Used only when a checkpoint ships no chat template (base models).
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['role'] }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}\n"
+    "{% endfor -%}"
+    "{%- if add_generation_prompt %}assistant: {% endif -%}"
+)
+
+
+class CausalLMAdapter(ModelAdapter):
+    family: ClassVar[str] = "causal_lm"
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "qwen2", "qwen3", "mistral")
+    multimodal: ClassVar[bool] = False
+    position_axes: ClassVar[int] = 1
+
+    def default_chat_template(self) -> str | None:
+        return PLAIN_CHAT_TEMPLATE
+
+    def prepare(self, request: Request, *, max_new_tokens: int | None = None) -> PreparedPrompt:
+        if request.media:
+            raise ConfigError(f"{self.config.model_type} is a text-only model; the request has images or video")
+        input_ids = self._tokenize(self.render(request))
+        if input_ids.numel() == 0:
+            raise ConfigError("empty prompt: it tokenises to no tokens")
+        self._check_context(int(input_ids.shape[0]), 0, max_new_tokens)
+        modality = torch.zeros(input_ids.shape, dtype=torch.int8)
+        if request.query_after_compression:
+            raise ConfigError("query_after_compression needs an image or video in the prompt")
+        return PreparedPrompt(input_ids=input_ids, modality=modality)
