@@ -2,12 +2,12 @@
 
 It does three jobs, and never materialises a full ``L x L`` attention map:
 
-* **Prefill** (one pass over each row's real tokens): causal attention per row, with SDPA; or, for
-  rows whose method needs statistics over *all* prompt queries (H2O, LOOK-M, MEDA), a blockwise
-  attention over query chunks that produces the output and the statistics in the same pass
-  (column sums of the probabilities, row entropies). Window statistics (SnapKV) use only the last
-  ``w`` queries; MEDA's cross-modal entropy only the text x visual blocks. Memory per chunk is
-  bounded by ``PrefillStats.chunk_bytes``.
+* **Prefill**: causal attention with SDPA (flash attention on GPU), then, for rows whose method needs
+  them, statistics recomputed from the same queries and keys in row chunks: the attention each key
+  receives (summed over the prompt's query rows, or an evenly spaced subset of at most
+  ``score_queries`` rows: the exact sum costs about as much again as the attention itself), row
+  entropies, SnapKV's window (the last ``w`` rows) and MEDA's cross-modal entropy (only the text x
+  visual blocks). Memory per chunk is bounded by ``PrefillStats.chunk_bytes``.
 * **Decode** (one query per row): attention over each row's valid cache slots, with a per-row key
   mask built from the layer's own lengths (so layers of different lengths need no shared mask).
   On CPU a grouped-query matmul path (SDPA with one query is slow on CPU, especially in bf16);
@@ -33,15 +33,20 @@ from .hf_glue import CONTEXT_KWARG
 if TYPE_CHECKING:
     from .cache import RaggedKVCache
 
-NEG = torch.finfo(torch.float32).min  # finite, so masked entries give 0 * NEG = 0, not NaN
+NEG = float("-inf")  # masked score
+# Log-probabilities are clamped here before exponentiating: exp() of inputs below about -87 (results
+# that underflow to denormals) runs up to 15x slower on CPU, and 0 * -inf would make entropies NaN.
+# e^-80 ~ 2e-35 is zero for every statistic computed here.
+LOGP_FLOOR = -80.0
 
 
 @dataclass
 class RowPlan:
     """Which statistics to record for one row during prefill."""
 
-    column_sums: bool = False  # attention received by each key, summed over all prompt queries
+    column_sums: bool = False  # attention each key receives from the prompt's queries (H2O, LOOK-M, MEDA)
     row_entropy: bool = False  # mean entropy of the causal attention rows (MEDA "code")
+    score_queries: int = 0  # query rows (evenly spaced, ending at the last) for the two above; 0 = all
     window: int = 0  # observation window (SnapKV / PyramidKV), 0 = none
     cross_modal: bool = False  # MEDA "paper" entropy
     modality: torch.Tensor | None = None  # (L,) int8, 0 = text, needed by cross_modal
@@ -108,33 +113,38 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 # ---------------------------------------------------------------------------------------------------
 def prefill_attention(query, key, value, scaling: float, lengths: list[int], stats: PrefillStats | None,
                       layer_idx: int) -> torch.Tensor:
-    """Causal attention over each row's first ``lengths[b]`` slots; records the planned statistics."""
+    """Causal attention over each row's first ``lengths[b]`` slots (SDPA), then the planned statistics
+    from the same queries and keys (see `attention_from_rows`, `cross_modal_entropy`)."""
     bsz, n_q_heads, q_len, _ = query.shape
     gqa = n_q_heads != key.shape[1]
-    need_stats = stats is not None and any(p.any for p in stats.plans)
-    if not need_stats and all(n == q_len for n in lengths):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
-    out = torch.zeros_like(query)
+    if all(n == q_len for n in lengths):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:  # right padding: each row on its own real tokens, pad positions left at zero
+        out = torch.zeros_like(query)
+        for b, n in enumerate(lengths):
+            if n:
+                out[b, :, :n] = F.scaled_dot_product_attention(
+                    query[b : b + 1, :, :n], key[b : b + 1, :, :n], value[b : b + 1, :, :n],
+                    is_causal=True, scale=scaling, enable_gqa=gqa)[0]
+    if stats is None:
+        return out
     for b, n in enumerate(lengths):
-        if n == 0:
+        plan = stats.plans[b]
+        if n == 0 or not plan.any:
             continue
-        qb, kb, vb = query[b, :, :n], key[b, :, :n], value[b, :, :n]
-        plan = stats.plans[b] if stats is not None else RowPlan()
-        rec = stats.layers[layer_idx][b] if stats is not None else None
+        rec = stats.layers[layer_idx][b]
+        qb, kb = query[b, :, :n], key[b, :, :n]
         if plan.column_sums or plan.row_entropy:
-            ob, col, ent = blockwise_causal_attention(
-                qb, kb, vb, scaling, chunk_bytes=stats.chunk_bytes,
-                want_column_sums=plan.column_sums, want_row_entropy=plan.row_entropy,
-            )
-            rec.column_sums, rec.row_entropy = col, ent
-        else:
-            ob = F.scaled_dot_product_attention(qb[None], kb[None], vb[None], is_causal=True, scale=scaling,
-                                                enable_gqa=gqa)[0]
+            rows = query_rows(n, plan.score_queries)
+            received, rec.row_entropy = attention_from_rows(
+                qb, kb, scaling, rows, chunk_bytes=stats.chunk_bytes, want_row_entropy=plan.row_entropy)
+            # Scale a subsample up to the all-query magnitude (ranking is unaffected).
+            rec.column_sums = received * (n / rows.numel()) if plan.column_sums else None
         if plan.window:
-            rec.window_scores = window_attention_scores(qb, kb, scaling, plan.window)
+            rows = torch.arange(max(0, n - plan.window), n)
+            rec.window_scores, _ = attention_from_rows(qb, kb, scaling, rows, chunk_bytes=stats.chunk_bytes)
         if plan.cross_modal:
             rec.cross_modal_entropy = cross_modal_entropy(qb, kb, scaling, plan.modality, stats.chunk_bytes)
-        out[b, :, :n] = ob
     return out
 
 
@@ -148,56 +158,45 @@ def _chunk_rows(n_q_heads: int, n_keys: int, chunk_bytes: int, temporaries: int 
     return max(16, chunk_bytes // max(1, n_q_heads * n_keys * 4 * temporaries))
 
 
-def blockwise_causal_attention(q, k, v, scaling: float, *, chunk_bytes: int, want_column_sums: bool,
-                               want_row_entropy: bool):
-    """Causal attention for one row, in query chunks, with statistics from the same probabilities.
+def query_rows(length: int, max_rows: int) -> torch.Tensor:
+    """At most ``max_rows`` query positions, evenly spaced and ending at the last one (0 = all)."""
+    if max_rows <= 0 or max_rows >= length:
+        return torch.arange(length)
+    stride = -(-length // max_rows)
+    return torch.arange(length - 1, -1, -stride).flip(0)
 
-    ``q (H_q, L, D)``, ``k``/``v`` ``(H_kv, L, D)``. Returns the output ``(H_q, L, D)``, the column sums
-    ``(H_kv, L)`` (sum over queries, mean over a group's query heads) or None, and the mean row
-    entropy in nats (over queries and heads) or None. Scores and probabilities are float32.
+
+def attention_from_rows(q, k, scaling: float, rows: torch.Tensor, *, chunk_bytes: int, want_row_entropy: bool = False):
+    """Causal attention probabilities of the query positions ``rows`` only, reduced on the fly.
+
+    ``q (H_q, L, D)``, ``k (H_kv, L, D)``, ``rows (n,)`` ascending. Returns the attention each key
+    receives from those rows, ``(H_kv, L)`` float32 (sum over rows, mean over the query heads of a
+    group), and, if asked, the mean entropy of those rows in nats (over rows and heads). Cost and
+    memory are O(n * L), in row chunks of at most ``chunk_bytes`` of scores.
     """
     n_kv, length, d = k.shape
     qg = _group(q, n_kv)
     g = qg.shape[1]
-    out = torch.empty_like(qg)
-    kf = k.float()
-    col = torch.zeros((n_kv, length), dtype=torch.float32, device=q.device) if want_column_sums else None
-    ent_total = torch.zeros((), dtype=torch.float64, device=q.device) if want_row_entropy else None
+    rows = rows.to(q.device)
+    received = torch.zeros((n_kv, length), dtype=torch.float32, device=q.device)
+    ent_total = torch.zeros((), dtype=torch.float64, device=q.device)
     step = _chunk_rows(q.shape[0], length, chunk_bytes)
-    for s in range(0, length, step):
-        e = min(length, s + step)
-        c = e - s
-        qc = qg[:, :, s:e].reshape(n_kv, g * c, d).float()
-        scores = torch.matmul(qc, kf[:, :e].transpose(1, 2)).mul_(scaling)  # (H_kv, G*c, e)
-        # query s+i sees keys <= s+i: mask the upper triangle of the diagonal block
-        diag = torch.ones((c, c), dtype=torch.bool, device=q.device).triu_(1)
-        scores.view(n_kv, g, c, e)[..., s:e].masked_fill_(diag, NEG)
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = torch.exp(scores - lse)
+    for s in range(0, rows.numel(), step):
+        r = rows[s : s + step]
+        c, e = r.numel(), int(r[-1]) + 1  # keys after the chunk's last row are never visible
+        qc = qg[:, :, r].reshape(n_kv, g * c, d).float()
+        scores = torch.matmul(qc, k[:, :e].float().transpose(1, 2)).mul_(scaling)  # (H_kv, G*c, e)
+        future = torch.arange(e, device=q.device)[None, :] > r[:, None]  # (c, e)
+        scores.view(n_kv, g, c, e).masked_fill_(future, NEG)
+        logp = torch.log_softmax(scores, dim=-1).clamp_(min=LOGP_FLOOR)
+        probs = logp.exp()
         if want_row_entropy:
-            # H = -sum p log p = lse - sum p * s
-            ent_total += (lse.squeeze(-1) - torch.linalg.vecdot(probs, scores)).sum(dtype=torch.float64)
-        if want_column_sums:
-            col[:, :e] += probs.sum(dim=1)
-        oc = torch.matmul(probs.to(v.dtype), v[:, :e])  # (H_kv, G*c, D)
-        out[:, :, s:e] = oc.view(n_kv, g, c, d)
-        del scores, probs, lse
-    if col is not None:
-        col /= g
-    ent = None if ent_total is None else float(ent_total) / (q.shape[0] * length)
-    return out.view(q.shape), col, ent
-
-
-def window_attention_scores(q, k, scaling: float, window: int) -> torch.Tensor:
-    """SnapKV's statistic: attention of the last ``window`` queries, summed, per KV head ``(H_kv, L)``."""
-    n_kv, length, d = k.shape
-    w = min(window, length)
-    qg = _group(q[:, length - w:], n_kv)
-    g = qg.shape[1]
-    scores = torch.matmul(qg.reshape(n_kv, g * w, d).float(), k.float().transpose(1, 2)).mul_(scaling)
-    diag = torch.ones((w, w), dtype=torch.bool, device=q.device).triu_(1)
-    scores.view(n_kv, g, w, length)[..., length - w:].masked_fill_(diag, NEG)
-    return torch.softmax(scores, dim=-1).sum(dim=1) / g
+            ent_total -= torch.linalg.vecdot(probs, logp).sum(dtype=torch.float64)
+        received[:, :e] += probs.sum(dim=1)
+        del scores, logp, probs
+    received /= g
+    ent = float(ent_total) / (q.shape[0] * rows.numel()) if want_row_entropy else None
+    return received, ent
 
 
 def _masked_entropy_mean(qsel, ksel, q_pos, k_pos, scaling: float, chunk_bytes: int) -> tuple[float, int]:
@@ -223,9 +222,8 @@ def _masked_entropy_mean(qsel, ksel, q_pos, k_pos, scaling: float, chunk_bytes: 
             continue
         scores = torch.matmul(qg[:, :, s:e].reshape(n_kv, g * c, d).float(), kf).mul_(scaling)
         scores.view(n_kv, g, c, nk).masked_fill_(~visible, NEG)
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = torch.exp(scores - lse)
-        ent = (lse.squeeze(-1) - torch.linalg.vecdot(probs, scores)).view(n_kv, g, c)
+        logp = torch.log_softmax(scores, dim=-1).clamp_(min=LOGP_FLOOR)  # rows with no visible key: NaN, dropped below
+        ent = -torch.linalg.vecdot(logp.exp(), logp).view(n_kv, g, c)
         total += float(ent[..., valid_rows].sum(dtype=torch.float64))
         count += int(valid_rows.sum()) * n_kv * g
     return total, count

@@ -72,6 +72,11 @@ class CompressionConfig:
     merge_within_modality:
         An evicted token is merged only into kept tokens of its own modality (text into text,
         visual into visual), so visual content is not averaged into the question's tokens.
+    score_queries:
+        Accumulated-attention scores (H2O, LOOK-M, MEDA) and MEDA's ``code`` entropy sum over the
+        prompt's query rows; for long prompts an evenly spaced subset of at most this many rows
+        (always including the last) is used, because the exact all-row sum costs about as much
+        again as the attention itself. 0 = every row (exact, as the paper writes it).
     pool_kernel:
         Average-pool width applied to window scores (SnapKV, PyramidKV).
     pyramid_beta:
@@ -91,6 +96,7 @@ class CompressionConfig:
     merge: str | None = None
     merge_keys: bool = False
     merge_within_modality: bool = True
+    score_queries: int = 512
     pool_kernel: int = 5
     pyramid_beta: float = 20.0
 
@@ -121,6 +127,8 @@ class CompressionConfig:
             )
         if self.merge is not None and self.merge not in MERGE_MODES:
             raise ConfigError(f"merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        if not isinstance(self.score_queries, int) or self.score_queries < 0:
+            raise ConfigError(f"score_queries must be an integer >= 0 (0 = all rows), got {self.score_queries!r}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ConfigError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
         if self.pyramid_beta < 1:

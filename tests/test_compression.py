@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from meda_engine.attention import (
-    blockwise_causal_attention,
+    attention_from_rows,
     cross_modal_entropy,
     decode_attention,
     extend_attention,
-    window_attention_scores,
+    query_rows,
 )
 from meda_engine.cache import RaggedKVCache
 from meda_engine.compression import (
@@ -100,26 +100,30 @@ def test_ratios_to_tokens_conserve_total(length):
 
 # --------------------------------------------------------------------------------------- statistics
 @pytest.mark.parametrize("n_q_heads,n_kv", [(4, 2), (4, 4), (6, 1)])
-def test_blockwise_attention_matches_sdpa_and_eager_statistics(n_q_heads, n_kv):
-    q, k, v = rand_qkv(n_q_heads, n_kv, length=53)
+def test_attention_from_rows_matches_eager_statistics(n_q_heads, n_kv):
+    q, k, _ = rand_qkv(n_q_heads, n_kv, length=53)
     scaling = 8 ** -0.5
-    out, col, ent = blockwise_causal_attention(q, k, v, scaling, chunk_bytes=1, want_column_sums=True,
-                                               want_row_entropy=True)  # chunk_bytes=1 -> many small chunks
-    ref = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling,
-                                         enable_gqa=n_q_heads != n_kv)[0]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     p = eager_probs(q, k, scaling)
     g = n_q_heads // n_kv
-    ref_col = p.sum(dim=1).view(n_kv, g, -1).mean(dim=1)
-    torch.testing.assert_close(col, ref_col, atol=1e-5, rtol=1e-5)
+    rows = query_rows(53, 0)
+    assert rows.tolist() == list(range(53))
+    col, ent = attention_from_rows(q, k, scaling, rows, chunk_bytes=1, want_row_entropy=True)  # many small chunks
+    torch.testing.assert_close(col, p.sum(dim=1).view(n_kv, g, -1).mean(dim=1), atol=1e-5, rtol=1e-5)
     ref_ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
     assert ent == pytest.approx(float(ref_ent), rel=1e-5)
+    # A subset of rows (evenly spaced, ending at the last): statistics of exactly those rows.
+    rows = query_rows(53, 10)
+    assert rows[-1] == 52 and rows.numel() <= 10 and len(set(torch.diff(rows).tolist())) == 1
+    col, ent = attention_from_rows(q, k, scaling, rows, chunk_bytes=1 << 20, want_row_entropy=True)
+    sub = p[:, rows]
+    torch.testing.assert_close(col, sub.sum(dim=1).view(n_kv, g, -1).mean(dim=1), atol=1e-5, rtol=1e-5)
+    assert ent == pytest.approx(float(-(sub * torch.log(sub.clamp_min(1e-12))).sum(-1).mean()), rel=1e-5)
 
 
 def test_window_scores_match_eager():
     q, k, _ = rand_qkv(4, 2, length=40)
     scaling = 0.3
-    got = window_attention_scores(q, k, scaling, window=6)
+    got, _ = attention_from_rows(q, k, scaling, torch.arange(34, 40), chunk_bytes=1 << 20)
     p = eager_probs(q, k, scaling)[:, -6:]
     torch.testing.assert_close(got, p.sum(1).view(2, 2, -1).mean(1), atol=1e-6, rtol=1e-5)
 

@@ -42,7 +42,7 @@ class Method:
 
     def row_plan(self, modality, length: int) -> tuple[RowPlan, str | None]:
         """Statistics to record during prefill, and the entropy variant that will be used."""
-        plan = RowPlan(modality=modality)
+        plan = RowPlan(modality=modality, score_queries=self.config.score_queries)
         if self.scorer is None or self.config.keep_fraction(length) >= 1.0:
             return plan, None
         self.scorer.plan(plan)
