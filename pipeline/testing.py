@@ -1,0 +1,50 @@
+"""A deterministic stand-in for the engine, for exercising the pipeline's topology quickly.
+
+It answers without a model (the text echoes the prompt and the frame count) and reports telemetry
+that is *not measured*. Use it for dry runs of the Ray graph (``meda annotate --engine fake``) and
+pipeline tests that are about the pipeline; the real engine runs through the same code otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from meda_engine import ConfigError, Request, Result, Telemetry
+
+
+@dataclass
+class FakePrepared:
+    request: Request
+    n_frames: int
+
+
+class FakeEngine:
+    FAIL_WORD = "FAIL_PREPARE"  # a prompt containing it fails in prepare, like an over-long prompt
+
+    def prepare(self, request: Request) -> FakePrepared:
+        text = " ".join(p for m in request.messages for p in m.content if isinstance(p, str))
+        if self.FAIL_WORD in text:
+            raise ConfigError("fake prepare failure")
+        n = sum(int(np.asarray(getattr(m, "frames", np.zeros((1,)))).shape[0]) for m in request.media)
+        return FakePrepared(request, n)
+
+    def generate(self, prepared: list[FakePrepared]) -> list[Result]:
+        out = []
+        for p in prepared:
+            comp = p.request.compression
+            method = comp.method if comp else "full"
+            ratio = 1.0 if method == "full" else float(comp.keep_fraction(100))
+            full = 1000 * max(1, p.n_frames)
+            tele = Telemetry(
+                method=method, budget=ratio, entropy_variant=None, n_prompt_tokens=10 + p.n_frames,
+                n_text_tokens=10, n_visual_tokens=p.n_frames, n_frames=p.n_frames, n_generated_tokens=3,
+                kv_bytes_full=full, kv_bytes_kept=int(full * ratio), kv_keep_ratio=ratio,
+                kv_bytes_allocated=int(full * ratio), layer_budgets=[p.n_frames], layer_entropies=None,
+                prefill_s=0.001, compress_s=0.0, decode_s=0.002 * ratio + 0.001, decode_tokens_per_s=1.0,
+                peak_mem_bytes=0, peak_mem_kind="fake", batch_size=len(prepared), device="cpu", dtype="none",
+            )
+            text = f"{p.request.messages[-1].content[-1]} | {p.n_frames} frames"
+            out.append(Result(p.request.request_id, text, [1, 2, 3], "length", tele))
+        return out
