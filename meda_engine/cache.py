@@ -121,6 +121,21 @@ class RaggedKVCache(Cache):
         self.new_lengths: list[int] = [0] * batch_size
         self._new_lengths_dev: torch.Tensor | None = None
 
+    @classmethod
+    def from_tensors(cls, layers: list[tuple[torch.Tensor, torch.Tensor, list[int]]], reserve: int) -> "RaggedKVCache":
+        """A cache already holding ``(keys, values, row_lengths)`` per layer, keys/values ``(B, H_kv, n_l, D)``,
+        with ``reserve`` free slots per layer (benchmarks build synthetic caches with it)."""
+        cache = cls(len(layers), layers[0][0].shape[0], reserve)
+        for layer, (k, v, lengths) in zip(cache.layers, layers):
+            b, h, n, d = k.shape
+            keys = torch.zeros((b, h, n + reserve, d), dtype=k.dtype, device=k.device)
+            values = torch.zeros_like(keys)
+            keys[:, :, :n] = k
+            values[:, :, :n] = v
+            layer.reserve = reserve
+            layer.replace(keys, values, list(lengths))
+        return cache
+
     def begin_forward(self, new_lengths: list[int], device: torch.device) -> None:
         if len(new_lengths) != self.n_rows:
             raise ValueError(f"expected {self.n_rows} row lengths, got {len(new_lengths)}")

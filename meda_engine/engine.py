@@ -197,12 +197,7 @@ class Engine:
 
         # -- prefill
         t0 = time.perf_counter()
-        cache.begin_forward(n_ctx, dev)
-        hidden = hf_glue.base_forward(
-            self.model, input_ids=input_ids.to(dev), position_ids=adapter.model_position_ids(pos).to(dev),
-            cache=cache, context=ForwardContext(cache, "prefill", stats), vision=vision,
-            mm_token_type_ids=mm_types.to(dev) if adapter.multimodal else None,
-        )
+        hidden = self.forward(cache, "prefill", input_ids, pos, n_ctx, vision=vision, modality=mm_types, stats=stats)
         last = hidden[torch.arange(bsz, device=dev), torch.tensor(n_ctx, device=dev) - 1]
         logits = hf_glue.lm_head(self.model)(last).float()
         del hidden
@@ -228,12 +223,7 @@ class Engine:
             for b, p in enumerate(prompts):
                 q_ids[b, : n_query[b]] = p.input_ids[n_ctx[b]:]
                 q_pos[:, b, : n_query[b]] = positions[b][0][:, n_ctx[b]:]
-            cache.begin_forward(n_query, dev)
-            hidden = hf_glue.base_forward(
-                self.model, input_ids=q_ids.to(dev), position_ids=adapter.model_position_ids(q_pos).to(dev),
-                cache=cache, context=ForwardContext(cache, "extend"), vision={},
-                mm_token_type_ids=torch.zeros_like(q_ids, dtype=torch.int32).to(dev) if adapter.multimodal else None,
-            )
+            hidden = self.forward(cache, "extend", q_ids, q_pos, n_query)
             for b in range(bsz):
                 if n_query[b]:
                     logits[b] = hf_glue.lm_head(self.model)(hidden[b, n_query[b] - 1]).float()
@@ -271,14 +261,7 @@ class Engine:
             feed = torch.tensor(
                 [generated[b][-1] if finish[b] is None else adapter.pad_token_id for b in range(bsz)], dtype=torch.long
             )[:, None]
-            step_pos = (next_pos + step)[None, :, None].expand(axes, -1, -1)
-            cache.begin_forward([1] * bsz, dev)
-            hidden = hf_glue.base_forward(
-                self.model, input_ids=feed.to(dev), position_ids=adapter.model_position_ids(step_pos).to(dev),
-                cache=cache, context=ForwardContext(cache, "decode"), vision={},
-                mm_token_type_ids=torch.zeros_like(feed, dtype=torch.int32).to(dev) if adapter.multimodal else None,
-            )
-            logits = hf_glue.lm_head(self.model)(hidden[:, -1]).float()
+            logits = self.decode_step(cache, feed[:, 0], next_pos + step)
             step += 1
         synchronize(dev)
         t4 = time.perf_counter()
@@ -317,6 +300,30 @@ class Engine:
             )
             result = Result(item.request.request_id, text, list(generated[b]), finish[b] or "length", tele)
             yield StreamEvent(b, item.request.request_id, "", None, result)
+
+    def forward(self, cache: RaggedKVCache, phase: str, input_ids: torch.Tensor, positions: torch.Tensor,
+                new_lengths: list[int], *, vision: dict[str, torch.Tensor] | None = None,
+                modality: torch.Tensor | None = None, stats: PrefillStats | None = None) -> torch.Tensor:
+        """One model forward of ``input_ids (B, q)`` at ``positions (axes, B, q)``, writing into
+        ``cache``; ``new_lengths[b]`` of the ``q`` tokens of row ``b`` are real (the rest pad).
+        Returns the last hidden states ``(B, q, hidden)``."""
+        dev = self.device
+        cache.begin_forward(new_lengths, dev)
+        if modality is None and self.adapter.multimodal:
+            modality = torch.zeros_like(input_ids, dtype=torch.int32)
+        return hf_glue.base_forward(
+            self.model, input_ids=input_ids.to(dev), position_ids=self.adapter.model_position_ids(positions).to(dev),
+            cache=cache, context=ForwardContext(cache, phase, stats), vision=vision or {},
+            mm_token_type_ids=None if modality is None else modality.to(dev),
+        )
+
+    def decode_step(self, cache: RaggedKVCache, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``token_ids (B,)`` at logical ``positions (B,)``); return the next
+        token's logits ``(B, vocab)`` in float32."""
+        axes = self.adapter.position_axes
+        pos = positions.view(1, -1, 1).expand(axes, -1, -1)
+        hidden = self.forward(cache, "decode", token_ids.view(-1, 1), pos, [1] * token_ids.shape[0])
+        return hf_glue.lm_head(self.model)(hidden[:, -1]).float()
 
     def _text(self, ids: list[int], gen: GenerationConfig) -> tuple[str, bool]:
         """Decoded text, cut at the first stop string (and whether one was found)."""
