@@ -1,0 +1,364 @@
+"""Where media and manifests live: filesystems from URLs, listings, manifests, and stable clip ids.
+
+URLs are local paths, ``file://``, ``s3://`` (s3fs; any S3-compatible store such as MinIO, Ceph or GCS's
+interoperability endpoint through ``endpoint_url`` or ``AWS_ENDPOINT_URL``), or any other URL fsspec knows.
+Every function taking a URL also takes the `filesystem_for` options (``endpoint_url``, ``key``, ``secret``,
+``region``, ``anon``) as keyword arguments, so one ``storage_options`` dict travels through the pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import random
+import time
+from typing import Any, Callable, Iterable, TypeVar
+
+import fsspec
+from fsspec.core import split_protocol
+
+from meda_engine.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, sniff_kind
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# botocore's own retries, on top of s3fs's: adaptive mode also rate-limits the client after throttling.
+S3_RETRIES = {"max_attempts": 8, "mode": "adaptive"}
+MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")  # CSV and JSONL may be compressed (fsspec infers the codec)
+KIND_EXTENSIONS = {"video": VIDEO_EXTENSIONS, "image": IMAGE_EXTENSIONS}
+
+# Error codes and exception class names that mean "try again": throttling, server-side 5xx, dropped connections.
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestLimitExceeded", "TooManyRequestsException", "RequestTimeout", "RequestTimeoutException",
+    "InternalError", "ServiceUnavailable", "BandwidthLimitExceeded", "500", "502", "503", "504",
+})  # fmt: skip
+TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "ResponseStreamingError", "IncompleteReadError", "ServerDisconnectedError", "ClientConnectionError",
+    "ClientPayloadError", "ClientOSError",
+})  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Filesystems
+
+
+def filesystem_for(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    region: str | None = None,
+    anon: bool | None = None,
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path within it) for a URL.
+
+    ``s3://`` (and ``s3a://``) use s3fs. Unset options fall back to the usual AWS sources: the endpoint to
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, credentials and region to botocore's chain (environment,
+    ``~/.aws``, instance roles). The path is ``bucket/key`` for S3 and an absolute path for local files.
+    """
+    protocol, path = split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    if protocol in ("s3", "s3a"):
+        return _s3(endpoint_url, key, secret, region, anon), path
+    return fsspec.core.url_to_fs(url)
+
+
+def _s3(endpoint_url, key, secret, region, anon) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config: dict[str, Any] = {"retries": dict(S3_RETRIES)}
+    if endpoint_url:
+        # S3-compatible stores: path-style URLs need no wildcard DNS, and checksums only where S3 requires
+        # them (the default "when_supported" CRC headers are rejected by some MinIO, Ceph and GCS versions).
+        config.update(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+    return s3fs.S3FileSystem(
+        endpoint_url=endpoint_url,
+        key=key,
+        secret=secret,
+        anon=bool(anon),
+        client_kwargs={"region_name": region} if region else None,
+        config_kwargs=config,
+    )
+
+
+def pyarrow_filesystem_for(url: str, **options: Any):
+    """(pyarrow FileSystem, path) for a URL, for Ray Data and pyarrow writers; same options as `filesystem_for`.
+
+    Local paths get pyarrow's native LocalFileSystem; anything else wraps the fsspec filesystem, so that
+    endpoints, credentials and retries are resolved in one place.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(url, **options)
+    if _is_local(url):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _is_local(url: str) -> bool:
+    return split_protocol(url)[0] in (None, "file", "local")
+
+
+def _to_url(url_like: str, path: str) -> str:
+    """``path`` (as the filesystem of ``url_like`` names it) as a URL in the same style as ``url_like``."""
+    protocol = split_protocol(url_like)[0]
+    return path if protocol is None else f"{protocol}://{path}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retries and reads
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: dropped connections, timeouts, throttling (SlowDown) and 5xx answers.
+
+    Looks through the exception's causes, because s3fs re-raises botocore errors as OSError.
+    """
+    for e in _causes(exc):
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in TRANSIENT_NAMES for cls in type(e).__mro__):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in TRANSIENT_CODES or status >= 500 or status == 429:
+                return True
+    return False
+
+
+def _causes(exc: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def retry(
+    fn: Callable[[], T],
+    attempts: int = 5,
+    backoff: float = 0.5,
+    *,
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> T:
+    """Call ``fn()``; on a transient error wait ``backoff * 2**k`` seconds (with +-50 % jitter) and try again,
+    up to ``attempts`` calls in all. Other errors, and the last attempt's, propagate unchanged."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if attempt >= attempts or not transient(e):
+                raise
+            delay = backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            log.warning("transient error (attempt %d/%d), retrying in %.2f s: %s", attempt, attempts, delay, e)
+            time.sleep(delay)
+            attempt += 1
+
+
+def read_bytes(url: str, *, attempts: int = 5, **options: Any) -> bytes:
+    """The whole object at ``url``, retrying transient errors."""
+    fs, path = filesystem_for(url, **options)
+    return retry(lambda: fs.cat_file(path), attempts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Listing
+
+
+def list_media(prefix_url: str, *, kinds: Iterable[str] = ("video", "image"), **options: Any) -> list[str]:
+    """Full URLs of the media files under a prefix (recursively), sorted; a single file's URL gives itself.
+
+    Media are recognised by extension (case-insensitive; see `KIND_EXTENSIONS`); hidden files (a name starting
+    with ".", such as macOS "._clip.mp4" resource forks) are skipped. Raises FileNotFoundError when nothing
+    exists at the prefix, and ValueError for a single file that is not media.
+    """
+    extensions = set().union(*(KIND_EXTENSIONS[k] for k in kinds))
+    fs, path = filesystem_for(prefix_url, **options)
+    if fs.isfile(path):
+        if not _is_media(path, extensions):
+            raise ValueError(f"{prefix_url} is not a media file (known extensions: {sorted(extensions)})")
+        return [_to_url(prefix_url, path)]
+    found = retry(lambda: fs.find(path))
+    if not found and not fs.exists(path):
+        raise FileNotFoundError(f"nothing at {prefix_url}")
+    return sorted(_to_url(prefix_url, p) for p in found if _is_media(p, extensions))
+
+
+def _is_media(path: str, extensions: set[str]) -> bool:
+    name = posixpath.basename(path.rstrip("/"))
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def manifest_format(url: str) -> str | None:
+    """"parquet", "csv" or "jsonl" from the URL's extension (compressed CSV/JSONL included), else None."""
+    stem, ext = os.path.splitext(split_protocol(url)[1].lower())
+    if ext in COMPRESSION_SUFFIXES:
+        stem, ext = os.path.splitext(stem)
+    return MANIFEST_FORMATS.get(ext)
+
+
+def read_manifest(url: str, **options: Any) -> list[dict[str, Any]]:
+    """Rows of a Parquet, CSV or JSONL manifest, each with ``uri`` (resolved) and ``prompt`` (or None).
+
+    ``uri`` is required; a relative one is resolved against the manifest's directory. Other columns pass
+    through unchanged, except that empty CSV cells become None (CSV has no null).
+    """
+    fmt = manifest_format(url)
+    if fmt is None:
+        raise ValueError(f"{url}: unknown manifest format (expected one of {sorted(MANIFEST_FORMATS)})")
+    fs, path = filesystem_for(url, **options)
+    reader = {"parquet": _parquet_rows, "csv": _csv_rows, "jsonl": _jsonl_rows}[fmt]
+    rows = retry(lambda: reader(fs, path, url))
+    base = _to_url(url, posixpath.dirname(path))
+    for n, row in enumerate(rows, start=1):
+        uri = row.get("uri")
+        if uri is None or not str(uri).strip():
+            raise ValueError(f"{url}: row {n} has an empty uri")
+        row["uri"] = _resolve(str(uri).strip(), base)
+        row["prompt"] = row.get("prompt") or None
+    return rows
+
+
+def _parquet_rows(fs, path: str, url: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    _require_uri(table.column_names, url)
+    return table.to_pylist()
+
+
+def _csv_rows(fs, path: str, url: str) -> list[dict[str, Any]]:
+    with fs.open(path, "rb", compression="infer") as raw:
+        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""))  # -sig: Excel's BOM
+        _require_uri(reader.fieldnames or [], url)
+        return [{k: (v if v != "" else None) for k, v in row.items()} for row in reader]
+
+
+def _jsonl_rows(fs, path: str, url: str) -> list[dict[str, Any]]:
+    rows = []
+    with fs.open(path, "rb", compression="infer") as raw:
+        for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{url}: line {n} is not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{url}: line {n} is not a JSON object")
+            _require_uri(row.keys(), url, f"line {n}")
+            rows.append(row)
+    return rows
+
+
+def _require_uri(columns: Iterable[str], url: str, where: str = "") -> None:
+    columns = list(columns)
+    if "uri" not in columns:
+        at = f" ({where})" if where else ""
+        raise ValueError(f"{url}{at}: manifest needs a 'uri' column; found {columns}")
+
+
+def _resolve(uri: str, base_url: str) -> str:
+    """``uri`` as is if it is a URL or an absolute path, else relative to ``base_url`` (a directory URL)."""
+    if "://" in uri or os.path.isabs(uri):
+        return uri
+    protocol, base = split_protocol(base_url)
+    joined = posixpath.normpath(posixpath.join(base, uri))
+    return joined if protocol is None else f"{protocol}://{joined}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clip ids and the manifest the pipeline runs on
+
+
+def normalize_uri(uri: str) -> str:
+    """A canonical spelling: local paths become absolute ``file://`` URLs, protocols lower case, s3a -> s3.
+
+    Object keys are kept byte for byte ("a//b" and "a/b" are different S3 keys).
+    """
+    protocol, path = split_protocol(uri.strip())
+    if protocol in (None, "file", "local"):
+        return "file://" + os.path.abspath(os.path.expanduser(path))
+    protocol = protocol.lower()
+    return f"{'s3' if protocol == 's3a' else protocol}://{path}"
+
+
+def clip_id(uri: str, start: float | None = None, end: float | None = None) -> str:
+    """Deterministic 16-hex-digit id of a clip: sha1 of the normalised uri, plus the segment if one is given."""
+    text = normalize_uri(uri)
+    if start is not None or end is not None:
+        text += "#t=" + ",".join("" if t is None else f"{float(t):.3f}" for t in (start, end))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def build_manifest(
+    source: str, *, prompt: str | None = None, kinds: Iterable[str] = ("video", "image"), **options: Any
+) -> list[dict[str, Any]]:
+    """The inputs of a run: rows ``{clip_id, uri, prompt, kind, ...}`` without duplicate clip ids.
+
+    ``source`` is a manifest (by extension, see `read_manifest`) or a prefix / file to list (`list_media`).
+    ``clip_id`` comes from the row if given, else from `clip_id` (with the row's ``start`` / ``end``);
+    ``prompt`` from the row, else the ``prompt`` argument; ``kind`` from the row, else from the extension
+    (None when unknown: the reader decides after sniffing the bytes). Order: listing order (sorted) or
+    manifest order; the first of duplicate clip ids wins.
+    """
+    if manifest_format(source):
+        rows = read_manifest(source, **options)
+    else:
+        rows = [{"uri": uri} for uri in list_media(source, kinds=kinds, **options)]
+    out, seen = [], set()
+    for row in rows:
+        uri = row["uri"]
+        cid = row.get("clip_id") or clip_id(uri, row.get("start"), row.get("end"))
+        if cid in seen:
+            continue
+        seen.add(cid)
+        fixed = {"clip_id": cid, "uri": uri, "prompt": row.get("prompt") or prompt, "kind": row.get("kind")}
+        fixed["kind"] = fixed["kind"] or sniff_kind(uri)
+        out.append({**fixed, **{k: v for k, v in row.items() if k not in fixed}})
+    if len(out) < len(rows):
+        log.info("build_manifest: dropped %d duplicate clip(s) from %s", len(rows) - len(out), source)
+    return out
+
+
+__all__ = [
+    "build_manifest",
+    "clip_id",
+    "filesystem_for",
+    "is_transient",
+    "list_media",
+    "manifest_format",
+    "normalize_uri",
+    "pyarrow_filesystem_for",
+    "read_bytes",
+    "read_manifest",
+    "retry",
+]
