@@ -5,34 +5,49 @@
     outs = engine.generate([Request(prompt="Describe the video.", video=frames)],
                            compression=CompressionConfig(method="meda", budget=0.2), max_new_tokens=64)
     outs[0].text, outs[0].telemetry
+
+Names are imported on first use, so that light modules (``meda_engine.media``, ``meda_engine.config``)
+can be used, e.g. in decode tasks, without loading torch and transformers.
 """
 
-from .config import METHODS, CompressionConfig, ConfigError, GenerationConfig, parse_budget
-from .engine import Engine, PreparedRequest, StreamEvent
-from .models import ContextLengthError, UnsupportedModelError
-from .models.loading import CheckpointNotFoundError
-from .models.vision import MediaError
-from .request import Image, Message, Request, Result, Telemetry, Video
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "METHODS",
-    "CheckpointNotFoundError",
-    "CompressionConfig",
-    "ConfigError",
-    "ContextLengthError",
-    "Engine",
-    "GenerationConfig",
-    "Image",
-    "MediaError",
-    "Message",
-    "PreparedRequest",
-    "Request",
-    "Result",
-    "StreamEvent",
-    "Telemetry",
-    "UnsupportedModelError",
-    "Video",
-    "parse_budget",
-]
+_EXPORTS = {
+    "METHODS": "config",
+    "CompressionConfig": "config",
+    "ConfigError": "config",
+    "GenerationConfig": "config",
+    "parse_budget": "config",
+    "Engine": "engine",
+    "PreparedRequest": "engine",
+    "StreamEvent": "engine",
+    "ContextLengthError": "models.base",
+    "UnsupportedModelError": "models.base",
+    "CheckpointNotFoundError": "models.loading",
+    "MediaError": "models.vision",
+    "Image": "request",
+    "Message": "request",
+    "Request": "request",
+    "Result": "request",
+    "Telemetry": "request",
+    "Video": "request",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meda_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -127,7 +127,9 @@ def read_done_rows(cfg: AnnotateConfig) -> tuple[set[str], int]:
             with fs.open(path, "rb") as f:
                 done.update(pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist())
         except Exception:
-            fs.mv(path, path.replace("/rows/", "/_partial/", 1))
+            target = path.replace("/rows/", "/_partial/", 1)
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.mv(path, target)
             moved += 1
     return done, moved
 
@@ -164,7 +166,7 @@ def plan_run(cfg: AnnotateConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
                     "row_id": row_id,
                     "clip_id": item["clip_id"],
                     "uri": item["uri"],
-                    "kind": item.get("kind") or "video",
+                    "kind": item.get("kind") or "",  # unknown: decided from the bytes
                     "prompt": item.get("prompt") or cfg.prompt,
                     "expected_answer": None if item.get("answer") is None else str(item["answer"]),
                     "method": method,
@@ -216,6 +218,7 @@ def decode_media(batch: dict[str, np.ndarray], *, storage_options: dict[str, Any
         if isinstance(res, tuple):
             out["error_stage"][i], out["error"][i] = res
         else:
+            out["kind"][i] = res["kind"]
             out["frames"][i] = pack_frames(res["frames"])
             for key in ("fps", "media_backend", "source_fps", "duration_s"):
                 out[key][i] = res[key]
@@ -231,14 +234,15 @@ def _read_and_decode(uri, kind, storage_options, frames, fps, max_frames, max_pi
     except Exception as e:  # noqa: BLE001 - any storage failure is this input's error
         return "read", f"{type(e).__name__}: {e}"[:500]
     try:
+        kind = kind or media.sniff_kind(data) or "video"
         pixel_cap = {"max_pixels": max_pixels} if max_pixels else {}
         if kind == "image":
             img = media.decode_with_timeout(media.decode_image, timeout_s, data, **pixel_cap)
-            return {"frames": img[None], "fps": 0.0, "media_backend": "pillow", "source_fps": None,
+            return {"kind": kind, "frames": img[None], "fps": 0.0, "media_backend": "pillow", "source_fps": None,
                     "duration_s": None}
         vid = media.decode_with_timeout(media.decode_video, timeout_s, data, n_frames=None if fps else frames,
                                         fps=fps, max_frames=max_frames, **pixel_cap)
-        return {"frames": vid.frames, "fps": float(vid.fps_sampled), "media_backend": vid.backend_used,
+        return {"kind": kind, "frames": vid.frames, "fps": float(vid.fps_sampled), "media_backend": vid.backend_used,
                 "source_fps": vid.source_fps, "duration_s": vid.duration_s}
     except Exception as e:  # noqa: BLE001 - corrupt media must not fail the batch
         return "decode", f"{type(e).__name__}: {e}"[:500]
@@ -279,6 +283,7 @@ class Annotator:
         from meda_engine import GenerationConfig, Request, Video
 
         n = len(batch["row_id"])
+        t0 = time.perf_counter()
         rows = [self._base_row(batch, i) for i in range(n)]
         prepared, where = [], []
         for i in range(n):
@@ -301,6 +306,9 @@ class Annotator:
         for i, result in zip(where, self._generate(prepared, rows, where)):
             if result is not None:
                 self._fill(rows[i], result)
+        batch_id, infer_s = uuid.uuid4().hex[:12], time.perf_counter() - t0
+        for row in rows:
+            row.update(batch_id=batch_id, batch_infer_s=infer_s)
         return to_table(rows)
 
     def _generate(self, prepared, rows, where):
@@ -323,16 +331,17 @@ class Annotator:
     def _base_row(self, batch, i: int) -> dict[str, Any]:
         import datetime as dt
 
-        err = batch["error"][i]
+        err = _value(batch["error"][i])
+        answer = _value(batch["expected_answer"][i])
         return empty_row(
             row_id=str(batch["row_id"][i]), clip_id=str(batch["clip_id"][i]), uri=str(batch["uri"][i]),
             kind=str(batch["kind"][i]), prompt=str(batch["prompt"][i]),
-            expected_answer=None if batch["expected_answer"][i] is None else str(batch["expected_answer"][i]),
+            expected_answer=None if answer is None else str(answer),
             method=str(batch["method"][i]), model=self.cfg.model,
             status="error" if err is not None else "ok", error=None if err is None else str(err),
             error_stage=None if err is None else str(batch["error_stage"][i]),
-            decode_media_s=float(batch["decode_media_s"][i]), media_backend=batch["media_backend"][i],
-            source_fps=batch["source_fps"][i], duration_s=batch["duration_s"][i],
+            decode_media_s=float(batch["decode_media_s"][i]), media_backend=_value(batch["media_backend"][i]),
+            source_fps=_value(batch["source_fps"][i]), duration_s=_value(batch["duration_s"][i]),
             node=self.node, run_id=self.run_id, code_version=self.version,
             created_at=dt.datetime.now(dt.timezone.utc),
         )
@@ -356,6 +365,13 @@ class Annotator:
         )
         if row["expected_answer"] is not None:
             row["correct"] = normalise_answer(result.text) == normalise_answer(row["expected_answer"])
+
+
+def _value(x: Any) -> Any:
+    """A batch cell as a Python value; None for missing (an all-None column arrives as NaN)."""
+    if x is None or (isinstance(x, (float, np.floating)) and np.isnan(x)):
+        return None
+    return x.item() if isinstance(x, np.generic) else x
 
 
 # ----------------------------------------------------------------------------------------- running

@@ -42,6 +42,8 @@ SCHEMA = pa.schema(
         ("peak_mem_bytes", pa.int64()),
         ("peak_mem_kind", pa.string()),
         ("batch_size", pa.int32()),
+        ("batch_id", pa.string()),  # the engine call this row was answered in
+        ("batch_infer_s", pa.float64()),  # wall time of that call (prepare + generate), shared by its rows
         ("decode_media_s", pa.float64()),
         ("media_backend", pa.string()),
         ("source_fps", pa.float64()),

@@ -7,6 +7,8 @@ pipeline tests that are about the pipeline; the real engine runs through the sam
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,10 @@ class FakePrepared:
 class FakeEngine:
     FAIL_WORD = "FAIL_PREPARE"  # a prompt containing it fails in prepare, like an over-long prompt
 
+    def __init__(self) -> None:
+        # Seconds per generate call, so tests can interrupt a run that is still going.
+        self.delay_s = float(os.environ.get("MEDA_FAKE_DELAY_S", "0"))
+
     def prepare(self, request: Request) -> FakePrepared:
         text = " ".join(p for m in request.messages for p in m.content if isinstance(p, str))
         if self.FAIL_WORD in text:
@@ -31,6 +37,7 @@ class FakeEngine:
         return FakePrepared(request, n)
 
     def generate(self, prepared: list[FakePrepared]) -> list[Result]:
+        time.sleep(self.delay_s)
         out = []
         for p in prepared:
             comp = p.request.compression
