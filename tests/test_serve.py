@@ -1,5 +1,5 @@
 """The Serve application end to end: real HTTP on 127.0.0.1, the official `openai` client, a tiny
-random Qwen2-VL checkpoint on the CPU, and media from data: URLs and a moto S3 bucket on loopback."""
+random Qwen2-VL checkpoint on the CPU, and media from data: URLs and the session's moto S3 on loopback."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import socket
 import time
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import requests
 import torch
 import yaml
 
+from media_factory import make_video
 from ray_fixtures import ray_local  # noqa: F401
 from tiny_models import build_checkpoint
 
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.slow
 
 NAME = "tiny-qwen2-vl"
 KEY = "test-key"
-BUCKET = "meda-media"
+BUCKET = f"serve-media-{uuid.uuid4().hex[:8]}"  # the moto server is shared by the session
+DENIED_BUCKET = f"serve-denied-{uuid.uuid4().hex[:8]}"
 S3_KEYS = {"key": "testing", "secret": "testing", "region": "us-east-1"}
 RNG = np.random.default_rng(0)
 QUESTIONS = ["what colour is the circle ?", "how many squares are in the image ?", "describe the video ."]
@@ -47,43 +50,23 @@ def png_data_url(size=(112, 112)) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def tiny_mp4(n_frames=8, size=112) -> bytes:
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(RNG.integers(0, 255, (size, size, 3), dtype=np.uint8), format="rgb24")
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return buf.getvalue()
-
-
 IMAGE = png_data_url()
-MP4 = tiny_mp4()
+MP4 = make_video(n_frames=8, width=112, height=112, fps=8)
 
 
 # ---------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def s3_endpoint():
+def media_bucket(s3_endpoint):
+    """The allowed bucket (a clip and a corrupt one) and a bucket the server must refuse, on the shared moto S3."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEYS["key"],
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=S3_KEYS["key"],
                       aws_secret_access_key=S3_KEYS["secret"], region_name=S3_KEYS["region"])
-    for bucket in (BUCKET, "not-allowed"):
+    for bucket in (BUCKET, DENIED_BUCKET):
         s3.create_bucket(Bucket=bucket)
         s3.put_object(Bucket=bucket, Key="clip.mp4", Body=MP4)
     s3.put_object(Bucket=BUCKET, Key="broken.mp4", Body=b"\x00" * 2048)
-    yield endpoint
-    server.stop()
+    return BUCKET
 
 
 def settings(checkpoint: Path, s3_endpoint: str) -> dict:
@@ -101,7 +84,7 @@ def settings(checkpoint: Path, s3_endpoint: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory, s3_endpoint):  # noqa: F811 - the imported fixture
+def server(ray_local, tmp_path_factory, s3_endpoint, media_bucket):  # noqa: F811 - the imported fixture
     from ray import serve
 
     from pipeline.serve import app_builder
@@ -236,7 +219,8 @@ BAD_REQUESTS = {
     "max_tokens too large": (chat(max_tokens=65), 400, "max_tokens_too_large"),
     "body too large": (chat("red " * 70_000), 413, "request_too_large"),
     "file url": (chat([image_part("file:///etc/passwd"), text_part("q")]), 400, "url_not_allowed"),
-    "bucket not allowed": (chat([video_part("s3://not-allowed/clip.mp4"), text_part("q")]), 400, "url_not_allowed"),
+    "bucket not allowed": (chat([video_part(f"s3://{DENIED_BUCKET}/clip.mp4"), text_part("q")]), 400,
+                           "url_not_allowed"),
     "loopback http": (chat([image_part("http://127.0.0.1:9/x.png"), text_part("q")]), 400, "url_not_allowed"),
     "metadata address": (chat([image_part("http://169.254.169.254/latest"), text_part("q")]), 400,
                          "url_not_allowed"),
@@ -279,33 +263,37 @@ def test_auth(server):
 def test_still_serving_after_refusals(server, client):
     for case in ("malformed json", "undecodable video", "prompt over the model context"):
         post(server, BAD_REQUESTS[case][0])
+    # a client that hangs up in the middle of a stream
+    with requests.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, stream=True,
+                       json=chat("what ?", stream=True, max_tokens=32), timeout=60) as r:
+        assert next(r.iter_lines()).startswith(b"data: ")
     assert ask(client, [video_part(), text_part("what ?")]).choices[0].finish_reason in ("stop", "length")
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def scrape_until(port: int, names: list[str], timeout_s: float = 60) -> str:
-    """Ray's metrics agent exports on an interval; poll its Prometheus endpoint until the metrics appear."""
+def scrape_until(port: int, expected: list[str], timeout_s: float = 60) -> list[str]:
+    """Poll the Prometheus endpoint until every expected text appears; return those still missing.
+    Ray's metrics agent exports on an interval, so the last seconds of records show up late."""
     deadline = time.monotonic() + timeout_s
-    text = ""
-    while time.monotonic() < deadline:
+    while True:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if all(n in text for n in names):
-            return text
+        missing = [e for e in expected if e not in text]
+        if not missing or time.monotonic() > deadline:
+            return missing
         time.sleep(2)
-    return text
 
 
 def test_custom_metrics_on_the_prometheus_endpoint(client, ray_local):  # noqa: F811
     import ray
 
-    ask(client, [image_part(), text_part("what ?")])
+    # a random tiny model may answer some prompts with EOS at once: make sure some tokens were generated
+    assert max(ask(client, [image_part(), text_part(q)]).usage.completion_tokens for q in QUESTIONS) > 0
+    assert requests.get(f"{client.base_url}models", timeout=30).status_code == 401
     port = ray._private.worker.global_worker.node.metrics_export_port
-    names = ["ray_meda_requests_total", "ray_meda_prompt_tokens_total", "ray_meda_completion_tokens_total",
-             "ray_meda_kv_bytes_saved_total", "ray_meda_request_latency_seconds_bucket"]
-    text = scrape_until(port, names)
-    missing = [n for n in names if n not in text]
-    assert not missing, f"not exported: {missing}"
-    assert 'status="200"' in text and 'status="401"' in text and f'model="{NAME}"' in text
+    expected = ["ray_meda_requests_total", "ray_meda_prompt_tokens_total", "ray_meda_completion_tokens_total",
+                "ray_meda_kv_bytes_saved_total", "ray_meda_request_latency_seconds_bucket",
+                'status="200"', 'status="401"', f'model="{NAME}"']
+    assert not scrape_until(port, expected)
 
 
 # ---------------------------------------------------------------------------------------- config
