@@ -1,0 +1,162 @@
+"""Runs inside the kvpress environment (see `peers_kvpress_env.py`): torch + kvpress + transformers<5.3.
+
+    python peers_kvpress_worker.py SPEC.json OUT.json
+
+It imports nothing from meda. Two jobs, both on checkpoints the peers suite saved:
+
+* ``agreement``: a real prefill with a kvpress press hooked into the model
+  (``with press(model): model(prompt, past_key_values=DynamicCache())``), then greedy decoding with
+  explicit logical positions, as kvpress's own pipeline does; returns the generated ids, the per-layer
+  cache lengths and the prefill/decode times.
+* ``synthetic``: decode speed on a ``DynamicCache`` filled with random K/V of the per-layer lengths the
+  press produces for a context of L tokens (``compute_n_kept`` for SnapKV, ``get_layer_budget`` for
+  PyramidKV, all of L for no press), one step = one model forward with one token, as kvpress's
+  pipeline loop; configurations are timed interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def press_for(name, budget, length, window):
+    from kvpress import PyramidKVPress, SnapKVPress
+
+    n = round(budget * length)
+    # compression_ratio such that kvpress's int(L * (1 - ratio)) equals round(budget * L) exactly
+    ratio = (length - n - 0.5) / length
+    if name == "snapkv":
+        return SnapKVPress(compression_ratio=ratio, window_size=window)
+    if name == "pyramidkv":
+        return PyramidKVPress(compression_ratio=ratio, window_size=window)
+    raise ValueError(name)
+
+
+def layer_lengths(model, name, budget, length, window):
+    from kvpress.utils import compute_n_kept
+
+    n_layers = model.config.num_hidden_layers
+    if name == "none":
+        return [length] * n_layers
+    press = press_for(name, budget, length, window)
+    if name == "snapkv":
+        return [compute_n_kept(length, press.compression_ratio)] * n_layers
+    return [press.get_layer_budget(layer.self_attn, length) for layer in model.model.layers]
+
+
+def greedy(model, cache, first_logits, start_pos, n_new):
+    ids = [int(first_logits.argmax())]
+    times = []
+    pos = torch.tensor([[start_pos]])
+    for i in range(n_new - 1):
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([[ids[-1]]]), past_key_values=cache, position_ids=pos + i)
+        ids.append(int(out.logits[0, -1].argmax()))
+        times.append(time.perf_counter() - t0)
+    return ids, times
+
+
+@torch.inference_mode()
+def agreement(job):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], attn_implementation="sdpa",
+                                                 dtype=getattr(torch, job["dtype"])).eval()
+    prompt = torch.tensor([job["prompt_ids"]])
+    length = prompt.shape[1]
+    out = []
+    for name in job["presses"]:
+        for budget in job["budgets"] if name != "none" else [1.0]:
+            cache = DynamicCache()
+            t0 = time.perf_counter()
+            if name == "none":
+                first = model(input_ids=prompt, past_key_values=cache, logits_to_keep=1).logits[0, -1]
+            else:
+                with press_for(name, budget, length, job["window"])(model):
+                    first = model(input_ids=prompt, past_key_values=cache, logits_to_keep=1).logits[0, -1]
+            t1 = time.perf_counter()
+            lengths = [int(cache.layers[i].keys.shape[2]) for i in range(len(cache.layers))]
+            ids, times = greedy(model, cache, first, length, job["max_new_tokens"])
+            out.append({"press": name, "budget": budget, "generated_ids": ids, "prefill_s": t1 - t0,
+                        "decode_step_s": times, "layer_lengths_after_prefill": lengths})
+            log(f"[kvpress] agreement {name} r={budget}: lengths {lengths[:4]}..., ids {ids[:8]}...")
+    return out
+
+
+@torch.inference_mode()
+def synthetic(job):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    records = []
+    for dname in job["dtypes"]:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], attn_implementation="sdpa", dtype=dtype).eval()
+        cfg = model.config
+        n_kv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+        for length in job["contexts"]:
+            g = torch.Generator().manual_seed(0)
+            pool_k = torch.randn((1, n_kv, length, hd), generator=g).to(dtype)
+            pool_v = torch.randn((1, n_kv, length, hd), generator=g).to(dtype)
+            configs = [("none", 1.0)] + [(p, r) for r in job["budgets"] for p in job["presses"]]
+            states = {}
+            for name, r in configs:
+                lengths = layer_lengths(model, name, r, length, job["window"])
+                cache = DynamicCache()
+                for i, n in enumerate(lengths):
+                    cache.update(pool_k[:, :, :n].clone(), pool_v[:, :, :n].clone(), i)
+                held = sum(2 * n * n_kv * hd * pool_k.element_size() for n in lengths)
+                states[(name, r)] = {"cache": cache, "tok": 11, "pos": length, "lengths": lengths, "held": held,
+                                     "times": []}
+
+            def step(st):
+                out = model(input_ids=torch.tensor([[st["tok"]]]), past_key_values=st["cache"],
+                            position_ids=torch.tensor([[st["pos"]]]))
+                st["tok"] = int(out.logits[0, -1].argmax())
+                st["pos"] += 1
+
+            for s in range(job["warmup"] + job["steps"]):
+                for st in states.values():
+                    t0 = time.perf_counter()
+                    step(st)
+                    if s >= job["warmup"]:
+                        st["times"].append(time.perf_counter() - t0)
+            for (name, r), st in states.items():
+                med = statistics.median(st["times"])
+                records.append({"dtype": dname, "context": length, "press": name, "budget": r,
+                                "layer_lengths": st["lengths"], "kv_bytes_held": st["held"],
+                                "step_times_s": st["times"], "median_s": med, "ms_per_step": 1e3 * med})
+                log(f"[kvpress] {dname} L={length} {name} r={r}: {1e3 * med:.1f} ms")
+            del states
+        del model
+    return records
+
+
+def main():
+    spec = json.loads(open(sys.argv[1]).read())
+    threads = int(spec.get("threads", 1))
+    torch.set_num_threads(threads)
+    import kvpress  # noqa: F401  (installs kvpress's attention patch, as any kvpress user gets)
+    import transformers
+
+    result = {"threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if spec.get("agreement"):
+        result["agreement"] = agreement(spec["agreement"])
+    if spec.get("synthetic"):
+        result["synthetic"] = synthetic(spec["synthetic"])
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
