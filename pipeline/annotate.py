@@ -382,8 +382,8 @@ def _init_ray(cfg: AnnotateConfig):
         return ray
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.cpus_per_actor)))}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    if address:  # a cluster (e.g. inside `ray job submit`): the job's own runtime_env applies
+        ray.init(address=address, log_to_driver=False)
     else:
         # A local instance advertises at least 4 CPUs: the actor pool holds its CPUs for the whole
         # run and would otherwise starve the decode and write tasks on a small machine.
