@@ -11,6 +11,9 @@ import uuid
 
 import pytest
 
+# One Ray instance for the whole session (the `ray_local` fixture), shared by every module.
+pytest_plugins = ["ray_fixtures"]
+
 _ENV_DEFAULTS = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

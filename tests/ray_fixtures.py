@@ -1,7 +1,6 @@
 """One local Ray instance for the whole test session (ray.init costs ~5 s; Serve and Data share it).
 
-Import the fixture into a test module (``from ray_fixtures import ray_local  # noqa: F401``) or list
-this module in ``pytest_plugins``. Ray advertises 4 CPUs on the 2-core machine: actor pools hold
+Registered for every module through ``pytest_plugins`` in conftest.py. Ray advertises 4 CPUs on the 2-core machine: actor pools hold
 their CPUs for the whole run and would otherwise starve the read/write tasks (ray.md, pitfalls).
 """
 

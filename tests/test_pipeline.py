@@ -18,7 +18,6 @@ import media_factory as mf
 from pipeline import storage
 from pipeline.annotate import AnnotateConfig, read_rows, run
 from pipeline.report import make_report
-from ray_fixtures import ray_local  # noqa: F401 - session fixture
 from tiny_models import build_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from media_factory import make_video
-from ray_fixtures import ray_local  # noqa: F401
 from tiny_models import build_checkpoint
 
 torch.set_num_threads(1)
@@ -84,16 +83,7 @@ def settings(checkpoint: Path, s3_endpoint: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_session(request):
-    """The session's Ray. `ray_local` is instantiated once per module that imports it, so when another
-    module's copy already started Ray, a second one would call ray.init twice: reuse the running one."""
-    import ray
-
-    return ray if ray.is_initialized() else request.getfixturevalue("ray_local")
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory, s3_endpoint, media_bucket):
+def server(ray_local, tmp_path_factory, s3_endpoint, media_bucket):
     from ray import serve
 
     from pipeline.serve import app_builder
@@ -292,11 +282,11 @@ def scrape_until(port: int, expected: list[str], timeout_s: float = 60) -> list[
         time.sleep(2)
 
 
-def test_custom_metrics_on_the_prometheus_endpoint(client, ray_session):
+def test_custom_metrics_on_the_prometheus_endpoint(client, ray_local):
     # a random tiny model may answer some prompts with EOS at once: make sure some tokens were generated
     assert max(ask(client, [image_part(), text_part(q)]).usage.completion_tokens for q in QUESTIONS) > 0
     assert requests.get(f"{client.base_url}models", timeout=30).status_code == 401
-    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
     expected = ["ray_meda_requests_total", "ray_meda_prompt_tokens_total", "ray_meda_completion_tokens_total",
                 "ray_meda_kv_bytes_saved_total", "ray_meda_request_latency_seconds_bucket",
                 'status="200"', 'status="401"', f'model="{NAME}"']
