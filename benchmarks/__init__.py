@@ -7,6 +7,8 @@ Markdown table ``<suite>.md``; ``python -m benchmarks.report`` turns them into `
 * ``fixed_memory``  largest batch under a KV cap and its tokens/s, full vs meda
 * ``prefill``       prefill + compression time and peak memory, meda vs plain SDPA prefill
 * ``peers``         transformers' own decode and NVIDIA kvpress (its own environment) vs ours
+* ``quality``       accuracy vs KV budget of the trained needle models, every method and protocol
+* ``pipeline``      clips/s through Ray Data vs the engine alone, decode vs inference time, actor busy time
 * ``report``        regenerate docs/benchmarks.md and the plots from the results
 
 Every suite takes ``--threads`` (default 1: with another process on the second core, 2 threads ran
@@ -19,7 +21,7 @@ import argparse
 import importlib
 import os
 
-SUITES = ("decode", "fixed_memory", "prefill", "peers", "report")
+SUITES = ("decode", "fixed_memory", "prefill", "peers", "quality", "pipeline", "report")
 
 
 def run_suite(suite: str, argv: list[str]) -> int:
@@ -39,7 +41,7 @@ def _run_from_cli(args: argparse.Namespace) -> int:
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``meda bench SUITE [args...]``; the suite's own flags pass through unchanged."""
     p = subparsers.add_parser(
-        "bench", help="run a benchmark suite (decode, fixed_memory, prefill, peers, report)",
+        "bench", help="run a benchmark suite (" + ", ".join(SUITES) + ")",
         description="Run a benchmark suite; arguments after SUITE go to the suite (see `meda bench SUITE --help`).",
         add_help=True)
     p.add_argument("suite", choices=SUITES)

@@ -1,0 +1,176 @@
+"""Pipeline throughput: clips/s through Ray Data (decode tasks + engine actor + Parquet) vs the engine alone.
+
+    python -m benchmarks.pipeline --clips 32 --frames 16
+
+Both sides answer the same MP4 clips with the same model, method, budget and engine batch size:
+
+* **engine alone**: the clips are decoded in-process first (timed separately), then answered with
+  `Engine.generate` in batches: clips / engine seconds;
+* **pipeline**: `meda annotate` on a local Ray (already started, as on a long-lived cluster): clips /
+  the job's wall time (planning, decode tasks, actor, Parquet writes and summary included).
+
+Also reported: the time the pipeline spent in media decode vs inference (summed over rows / engine
+calls) and the fraction of the pipeline's wall time the model actor was busy.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import common
+
+
+def parse_args(argv):
+    p = common.base_parser("pipeline", __doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="random:small",
+                   help="model directory used on both sides, or random:SHAPE for a random-weight Qwen2-VL whose "
+                        "decoder has one of the --model shapes (built into a temporary directory)")
+    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--clip-frames", type=int, default=32, help="logical frames per generated clip")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled per clip by both sides")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--method", default="meda")
+    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--ray-cpus", type=int, default=4, help="CPUs the local Ray advertises")
+    return p.parse_args(argv)
+
+
+def make_corpus(directory: Path, n: int, clip_frames: int, seed: int) -> list[dict[str, Any]]:
+    from meda_quality import task
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        clip = task.make_clip(seed + i, clip_frames, n_questions=1)
+        path = directory / f"clip{i:04d}.mp4"
+        task.write_mp4(path, clip.raw_frames)
+        rows.append({"uri": str(path), "prompt": clip.qas[0].question, "answer": clip.qas[0].answer})
+    (directory / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def random_vlm_checkpoint(shape: str, directory: Path, seed: int) -> str:
+    """A Qwen2-VL checkpoint with random weights: decoder of `common.MODEL_SHAPES[shape]`, a 2-block vision
+    tower, the word tokenizer and 112x112-per-frame preprocessing."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tok = common.word_tokenizer()
+    text = {k: v for k, v in common.MODEL_SHAPES[shape].items() if k not in ("rope_theta", "tie_word_embeddings")}
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    text.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section})
+    cfg = Qwen2VLConfig(
+        text_config=text, tie_word_embeddings=True,
+        vision_config=dict(depth=2, embed_dim=128, hidden_size=text["hidden_size"], num_heads=4, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration._from_config(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(
+        {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136, "max_pixels": 12544,
+         "video_min_pixels": 3136, "video_max_pixels": 12544}))
+    return str(directory)
+
+
+def engine_alone(checkpoint: str, rows, args) -> dict[str, Any]:
+    from meda_engine import CompressionConfig, Engine, GenerationConfig, Request, Video, media
+
+    engine = Engine.from_pretrained(checkpoint, device="cpu", dtype="float32")
+    t0 = time.perf_counter()
+    videos = [media.decode_video(r["uri"], n_frames=args.frames) for r in rows]
+    decode_s = time.perf_counter() - t0
+    comp = CompressionConfig(method=args.method, budget=args.budget)
+    reqs = [Request(prompt=r["prompt"], video=Video(v.frames, v.fps_sampled),
+                    generation=GenerationConfig(max_new_tokens=args.max_new_tokens)) for r, v in zip(rows, videos)]
+    engine.generate(reqs[: args.batch_size], compression=comp)  # warm-up, as the actor's first batch is
+    t0 = time.perf_counter()
+    for start in range(0, len(reqs), args.batch_size):
+        engine.generate(reqs[start : start + args.batch_size], compression=comp)
+    infer_s = time.perf_counter() - t0
+    return {"decode_s": decode_s, "infer_s": infer_s, "clips_per_s": len(reqs) / infer_s,
+            "clips_per_s_with_decode": len(reqs) / (infer_s + decode_s)}
+
+
+def pipeline_run(checkpoint: str, manifest: Path, out: Path, args) -> dict[str, Any]:
+    import ray
+
+    from pipeline.annotate import AnnotateConfig, read_rows, run
+
+    cfg = AnnotateConfig(input=str(manifest), output=str(out), model=checkpoint, method=args.method,
+                         budget=args.budget, baseline="none", frames=args.frames, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, device="cpu", dtype="float32", progress=False,
+                         cpus_per_actor=args.threads)
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    t0 = time.perf_counter()
+    summary = run(cfg)
+    wall = time.perf_counter() - t0
+    df = read_rows(str(out))
+    ok = df[df.status == "ok"]
+    busy = float(df.drop_duplicates("batch_id").batch_infer_s.sum())
+    # Steady state: rows finished after the first engine call, over the time since it finished (excludes
+    # Ray Data start-up and the actor's model load, which a long job pays once).
+    done = df.sort_values("created_at")
+    first = done.iloc[0]
+    later = done[done.batch_id != first.batch_id]
+    span = (later.created_at.max() - first.created_at).total_seconds() if len(later) else 0.0
+    steady = len(later) / span if span > 0 else None
+    return {"wall_s": wall, "rows": int(len(df)), "ok": int(len(ok)), "clips_per_s": len(df) / wall,
+            "clips_per_s_steady": steady,
+            "media_decode_s": float(df.decode_media_s.sum()), "inference_s": busy,
+            "actor_busy_fraction": busy / wall, "summary_wall_s": summary["wall_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    t_start = time.time()
+    run = {"command": common.command_line("pipeline", argv),
+           "machine": common.machine_info(args.threads, bandwidth=False)}
+    with tempfile.TemporaryDirectory(prefix="meda-bench-pipeline") as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint.startswith("random:"):
+            checkpoint = random_vlm_checkpoint(checkpoint.split(":", 1)[1], Path(tmp) / "model", args.seed)
+        rows = make_corpus(Path(tmp) / "corpus", args.clips, args.clip_frames, args.seed)
+        alone = engine_alone(checkpoint, rows, args)
+        common.log(f"[pipeline] engine alone: {alone['clips_per_s']:.2f} clips/s")
+        piped = pipeline_run(checkpoint, Path(tmp) / "corpus" / "manifest.jsonl", Path(tmp) / "run", args)
+        common.log(f"[pipeline] pipeline: {piped['clips_per_s']:.2f} clips/s")
+    record = {"checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames, "batch_size": args.batch_size,
+              "method": args.method, "budget": args.budget, "engine_alone": alone, "pipeline": piped,
+              "pipeline_vs_engine": piped["clips_per_s"] / alone["clips_per_s"],
+              "pipeline_steady_vs_engine": (piped["clips_per_s_steady"] or 0.0) / alone["clips_per_s"]}
+    run["wall_s"] = time.time() - t_start
+    run["load_average_at_end"] = common.load_average()
+    common.write_results("pipeline", args.out_dir, run, [record], ("checkpoint", "clips", "frames", "batch_size",
+                                                                   "method", "budget"), to_markdown, fresh=args.fresh)
+    return 0
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    rows = []
+    for r in data["records"]:
+        a, p = r["engine_alone"], r["pipeline"]
+        rows.append([r["clips"], r["frames"], r["batch_size"], f"{r['method']}@{r['budget']}",
+                     round(a["clips_per_s"], 3), round(p["clips_per_s"], 3), round(r["pipeline_vs_engine"], 3),
+                     round(p["clips_per_s_steady"] or 0, 3), round(r["pipeline_steady_vs_engine"], 3),
+                     round(a["decode_s"], 2), round(p["media_decode_s"], 2), round(p["inference_s"], 2),
+                     round(p["actor_busy_fraction"], 3)])
+    headers = ["clips", "frames", "batch", "method", "engine alone clips/s", "pipeline clips/s (whole job)",
+               "whole job / engine", "pipeline clips/s (steady)", "steady / engine", "decode s (alone)", "media decode s (pipeline, summed)",
+               "inference s (pipeline)", "actor busy fraction"]
+    return "\n".join(["# pipeline", "", common.runs_markdown(data), "", common.md_table(headers, rows), ""])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Quality vs KV budget: exact-match accuracy of the project's trained needle models, every method.
+
+    python -m benchmarks.quality --models models/needle-s0,models/needle-s1,models/needle-s2
+
+Each held-out question (`meda_quality.task.heldout_set`: clips of several lengths, 8 question types)
+is answered greedily under every method and budget, in two protocols:
+
+* ``aware``: the whole prompt, question included, is prefilled and compressed (as MEDA does);
+* ``agnostic``: the video is compressed before the question is seen; the question is fed on top of
+  the compressed cache (`Request.query_after_compression`), the realistic streaming/caching case.
+
+Reported per (method, budget, protocol, clip length): accuracy (mean and spread over the models),
+agreement with the full-cache answer, the measured keep-ratio, and for entropy methods the per-layer
+budgets and entropies. Methods: the baselines, MEDA (paper entropy, average merge, text prior) and
+MEDA ablations (code entropy, no merge, no text prior, exact all-query scores).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import common
+
+# name -> CompressionConfig fields (besides budget)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "full": {"method": "full"},
+    "streamingllm": {"method": "streamingllm"},
+    "h2o": {"method": "h2o"},
+    "snapkv": {"method": "snapkv"},
+    "pyramidkv": {"method": "pyramidkv"},
+    "lookm": {"method": "lookm"},
+    "meda": {"method": "meda"},
+    "meda-code": {"method": "meda", "entropy": "code"},
+    "meda-nomerge": {"method": "meda", "merge": "none"},
+    "meda-noprior": {"method": "meda", "text_prior": False},
+    "meda-exact": {"method": "meda", "score_queries": 0},
+}
+UNIFORM_BASELINES = ("streamingllm", "h2o", "snapkv", "lookm")
+DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def parse_args(argv):
+    p = common.base_parser("quality", __doc__.split("\n\n")[0])
+    p.add_argument("--models", type=common.str_list, default=["models/needle-s0", "models/needle-s1",
+                                                               "models/needle-s2"],
+                   help="trained checkpoint directories (one per training seed)")
+    p.add_argument("--lengths", type=common.int_list, default=[16, 64, 128], help="clip lengths in frames")
+    p.add_argument("--per-cell", type=int, default=3, help="questions per (question type, length)")
+    p.add_argument("--split", type=int, default=0, help="held-out split (0 = the reference test split)")
+    p.add_argument("--budgets", type=common.float_list, default=list(DEFAULT_BUDGETS))
+    p.add_argument("--configs", type=common.str_list, default=list(CONFIGS), help=f"of {', '.join(CONFIGS)}")
+    p.add_argument("--protocols", type=common.str_list, default=["aware", "agnostic"])
+    p.add_argument("--batch-size", type=int, default=8)
+    return p.parse_args(argv)
+
+
+def run_config(engine, items, compression, protocol: str, batch_size: int) -> list[dict[str, Any]]:
+    from meda_engine import GenerationConfig, Request
+    from meda_quality import evaluate as qeval
+    from meda_quality import task
+
+    order = sorted(range(len(items)), key=lambda i: items[i].n_frames)
+    out: list[dict[str, Any] | None] = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        reqs = []
+        for i in idx:
+            it = items[i]
+            reqs.append(Request(prompt=it.question, video=it.clip().raw_frames, video_fps=task.RAW_FPS,
+                                query_after_compression=protocol == "agnostic",
+                                generation=GenerationConfig(max_new_tokens=qeval.MAX_NEW_TOKENS)))
+        for i, res in zip(idx, engine.generate(reqs, compression=compression)):
+            t = res.telemetry
+            out[i] = {
+                "n_frames": items[i].n_frames, "qtype": items[i].qtype, "output": res.text,
+                "correct": task.normalise(res.text) == task.normalise(items[i].answer),
+                "keep_ratio": t.kv_keep_ratio, "n_prompt": t.n_prompt_tokens,
+                "layer_ratios": [b / max(1, t.n_prompt_tokens) for b in t.layer_budgets],
+                "layer_entropies": t.layer_entropies,
+            }
+    return [r for r in out if r is not None]
+
+
+def aggregate(rows: list[dict[str, Any]], full_rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "n": len(rows),
+        "accuracy": float(np.mean([r["correct"] for r in rows])),
+        "keep_ratio": float(np.mean([r["keep_ratio"] for r in rows])),
+        "by_type": {t: float(np.mean([r["correct"] for r in rows if r["qtype"] == t]))
+                    for t in sorted({r["qtype"] for r in rows})},
+        "layer_ratios": np.mean([r["layer_ratios"] for r in rows], axis=0).round(4).tolist(),
+    }
+    ent = [r["layer_entropies"] for r in rows if r["layer_entropies"]]
+    rec["layer_entropies"] = np.mean(ent, axis=0).round(4).tolist() if ent else None
+    if full_rows is not None:
+        rec["agreement"] = float(np.mean([a["output"] == b["output"] for a, b in zip(rows, full_rows)]))
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    from meda_engine import CompressionConfig, Engine
+    from meda_quality import task
+
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    t_start = time.time()
+    run = {"command": common.command_line("quality", argv),
+           "machine": common.machine_info(args.threads, bandwidth=False)}
+    items = task.heldout_set(args.per_cell, tuple(args.lengths), split=args.split)
+    records = []
+    for model_dir in args.models:
+        engine = Engine.from_pretrained(model_dir, device="cpu", dtype="float32")
+        model = Path(model_dir).name
+        for protocol in args.protocols:
+            full_rows = run_config(engine, items, CompressionConfig(method="full"), protocol, args.batch_size)
+            for name in args.configs:
+                budgets = [1.0] if name == "full" else args.budgets
+                for budget in budgets:
+                    if name == "full":
+                        rows = full_rows
+                    else:
+                        cfg = CompressionConfig(budget=float(budget), **CONFIGS[name])
+                        rows = run_config(engine, items, cfg, protocol, args.batch_size)
+                    for length in args.lengths:
+                        sub = [r for r in rows if r["n_frames"] == length]
+                        sub_full = [r for r in full_rows if r["n_frames"] == length]
+                        rec = {"model": model, "config": name, "budget": float(budget), "protocol": protocol,
+                               "length": length, **aggregate(sub, sub_full)}
+                        records.append(rec)
+                    common.log(f"[quality] {model} {protocol} {name}@{budget}: "
+                               f"acc {np.mean([r['correct'] for r in rows]):.3f} ({time.time() - t_start:.0f}s)")
+    run["wall_s"] = time.time() - t_start
+    run["load_average_at_end"] = common.load_average()
+    run["items"] = {"per_cell": args.per_cell, "lengths": args.lengths, "split": args.split, "n": len(items)}
+    common.write_results("quality", args.out_dir, run, records,
+                         ("model", "config", "budget", "protocol", "length"), to_markdown, fresh=args.fresh)
+    return 0
+
+
+def summary_table(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy per (config, budget, protocol, length): mean and std over the models."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in data["records"]:
+        groups.setdefault((r["config"], r["budget"], r["protocol"], r["length"]), []).append(r)
+    out = []
+    def order(key):
+        config, budget, protocol, length = key
+        return protocol, length, list(CONFIGS).index(config) if config in CONFIGS else 99, budget
+
+    for (config, budget, protocol, length), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
+        acc = [r["accuracy"] for r in rs]
+        out.append({"config": config, "budget": budget, "protocol": protocol, "length": length,
+                    "models": len(rs), "accuracy": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
+                    "agreement": float(np.mean([r.get("agreement", 1.0) for r in rs])),
+                    "keep_ratio": float(np.mean([r["keep_ratio"] for r in rs])), "n": sum(r["n"] for r in rs)})
+    return out
+
+
+def targets(data: dict[str, Any]) -> list[str]:
+    """The issue's targets, evaluated on the longest clips, query-aware protocol."""
+    rows = summary_table(data)
+    if not rows:
+        return []
+    longest = max(r["length"] for r in rows)
+    aware = {(r["config"], r["budget"]): r for r in rows if r["protocol"] == "aware" and r["length"] == longest}
+    lines = []
+    full = aware.get(("full", 1.0))
+    meda02 = aware.get(("meda", 0.2))
+    if full and meda02:
+        ratio = meda02["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+        lines.append(f"- MEDA at 0.2 on {longest}-frame clips keeps {ratio:.1%} of full-cache accuracy "
+                     f"({meda02['accuracy']:.3f} vs {full['accuracy']:.3f}; target >= 97%): "
+                     f"{'met' if ratio >= 0.97 else 'not met'}")
+    for budget in sorted({b for (_, b) in aware if b < 1.0}):
+        best = max((aware[(c, budget)] for c in UNIFORM_BASELINES if (c, budget) in aware),
+                   key=lambda r: r["accuracy"], default=None)
+        m = aware.get(("meda", budget))
+        if best and m:
+            ok = m["accuracy"] >= best["accuracy"] - 1e-9
+            lines.append(f"- budget {budget}: MEDA {m['accuracy']:.3f} vs best uniform baseline "
+                         f"{best['config']} {best['accuracy']:.3f}: {'at least as accurate' if ok else 'LESS accurate'}")
+    return lines
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    rows = summary_table(data)
+    lines = ["# quality", "", common.runs_markdown(data), ""]
+    for protocol in sorted({r["protocol"] for r in rows}):
+        for length in sorted({r["length"] for r in rows}):
+            sel = [r for r in rows if r["protocol"] == protocol and r["length"] == length]
+            budgets = sorted({r["budget"] for r in sel if r["config"] != "full"})
+            configs = [c for c in CONFIGS if any(r["config"] == c for r in sel)]
+            table = []
+            for c in configs:
+                cells = []
+                for b in ([1.0] if c == "full" else budgets):
+                    r = next((x for x in sel if x["config"] == c and x["budget"] == b), None)
+                    cells.append("-" if r is None else f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}")
+                if c == "full":
+                    cells = cells * len(budgets)
+                table.append([c, *cells])
+            lines += [f"## {protocol}, {length}-frame clips (accuracy, mean ± std over models)", "",
+                      common.md_table(["method", *[str(b) for b in budgets]], table), ""]
+    t = targets(data)
+    if t:
+        lines += ["## Targets (query-aware, longest clips)", "", *t, ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
