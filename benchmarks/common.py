@@ -41,7 +41,8 @@ def set_threads(n: int) -> None:
 
 
 def base_parser(suite: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{suite}", description=description)
+    prog = os.environ.get("MEDA_BENCH_ENTRY") or f"python -m benchmarks.{suite}"
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where <suite>.json/.md go")
     p.add_argument("--fresh", action="store_true",
@@ -346,7 +347,7 @@ def write_results(suite: str, out_dir: Path, run: dict[str, Any], records: list[
             data = json.loads(path.read_text())
         except json.JSONDecodeError:
             pass
-    run_id = len(data["runs"])
+    run_id = 1 + max([r["run_id"] for r in data["runs"]] + [r.get("run_id", -1) for r in data["records"]] + [-1])
     run = dict(run, run_id=run_id)
     for r in records:
         r["run_id"] = run_id

@@ -116,7 +116,7 @@ def synthetic(job):
                     cache.update(pool_k[:, :, :n].clone(), pool_v[:, :, :n].clone(), i)
                 held = sum(2 * n * n_kv * hd * pool_k.element_size() for n in lengths)
                 states[(name, r)] = {"cache": cache, "tok": 11, "pos": length, "lengths": lengths, "held": held,
-                                     "times": []}
+                                     "times": [], "cpu": []}
 
             def step(st):
                 out = model(input_ids=torch.tensor([[st["tok"]]]), past_key_values=st["cache"],
@@ -126,15 +126,18 @@ def synthetic(job):
 
             for s in range(job["warmup"] + job["steps"]):
                 for st in states.values():
+                    c0 = time.process_time()
                     t0 = time.perf_counter()
                     step(st)
                     if s >= job["warmup"]:
                         st["times"].append(time.perf_counter() - t0)
+                        st["cpu"].append(time.process_time() - c0)
             for (name, r), st in states.items():
                 med = statistics.median(st["times"])
                 records.append({"dtype": dname, "context": length, "press": name, "budget": r,
                                 "layer_lengths": st["lengths"], "kv_bytes_held": st["held"],
-                                "step_times_s": st["times"], "median_s": med, "ms_per_step": 1e3 * med})
+                                "step_times_s": st["times"], "median_s": med, "ms_per_step": 1e3 * med,
+                                "step_cpu_s": st["cpu"], "cpu_median_s": statistics.median(st["cpu"])})
                 log(f"[kvpress] {dname} L={length} {name} r={r}: {1e3 * med:.1f} ms")
             del states
         del model

@@ -106,10 +106,12 @@ def to_markdown(data: dict[str, Any]) -> str:
         rows.append([r["dtype"], r["context"], r["method"], None if r["method"] == "full" else r["budget"],
                      len(r["calls"]), r["median_prefill_s"], r["median_compress_s"], r["median_total_s"],
                      r["median_peak_mem_bytes"] / MiB, r["median_peak_above_model_bytes"] / MiB, r["kv_keep_ratio"],
-                     r.get("total_s_vs_full"), r.get("peak_mem_bytes_vs_full"), r.get("peak_above_model_bytes_vs_full")])
+                     r.get("median_cpu_s"), r.get("total_s_vs_full"), r.get("cpu_s_vs_full"),
+                     r.get("peak_mem_bytes_vs_full"), r.get("peak_above_model_bytes_vs_full")])
     table = common.md_table(
         ["dtype", "context", "method", "r", "calls", "prefill s", "compress s", "prefill+compress s", "peak RSS MiB",
-         "peak − RSS after load MiB", "KV kept / full (bytes)", "time vs full", "peak vs full", "peak above model vs full"],
+         "peak − RSS after load MiB", "KV kept / full (bytes)", "CPU s of the call", "wall time vs full",
+         "CPU time vs full", "peak vs full", "peak above model vs full"],
         rows)
     return f"# prefill\n\nMedians over the calls (methods interleaved).\n\n{table}\n\nRuns:\n{common.runs_markdown(data)}\n"
 

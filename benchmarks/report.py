@@ -81,12 +81,13 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                      "met" if worst <= 0.02 else "not met", ev))
 
     # 2. our full decode vs transformers
-    hf = [r for r in peers if r["kind"] == "decode" and r["method"] == "hf_full"]
+    # the decode workload's contexts (2k-32k); the 512-token point only backs the model.generate check
+    hf = [r for r in peers if r["kind"] == "decode" and r["method"] == "hf_full" and r["context"] >= 2048]
     if hf:
         worst = min(cpu_or_wall(r, "ours_speedup")[0] for r in hf)
         ev = "; ".join(f"{r['dtype']} B={r['batch']} L={r['context']}: {_both(r, 'ours_speedup')}x"
                        for r in sorted(hf, key=lambda r: (r["dtype"], r["batch"], r["context"])))
-        rows.append(("our full-cache decode at least as fast as transformers' (every context)",
+        rows.append(("our full-cache decode at least as fast as transformers' (2k-32k)",
                      "met" if worst >= 1.0 else "not met", ev))
         at32 = [r for r in hf if r["context"] >= 32768]
         rows.append((">= 1.3x transformers at 32k",
@@ -97,9 +98,15 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     # 3. ragged overhead at 16k
     rag = [r for r in dec if r["context"] == 16384 and r.get("t_over_full_rL") is not None]
     if rag:
-        worst = max(cpu_or_wall(r, "t_over_full_rL")[0] for r in rag)
-        ev = "; ".join(f"{r['dtype']} B={r['batch']} {r['method']} r={r['budget']}: {_both(r, 't_over_full_rL')}"
-                       for r in sorted(rag, key=lambda r: (r["method"], r["dtype"], r["batch"], r["budget"])))
+        vals = [cpu_or_wall(r, "t_over_full_rL") for r in rag]
+        worst = max(v for v, _ in vals)
+        kinds = sorted({k for _, k in vals})
+        walls = [r["t_over_full_rL"] for r in rag]
+        fixed = sorted([r for r in rag if r["method"] == "meda_fixed"], key=lambda r: (r["dtype"], r["batch"], r["budget"]))
+        ev = (f"{len(rag)} caches (snapkv, meda, meda_fixed; r = 0.1/0.2/0.3; B = 1, 8; fp32, bf16): "
+              f"{'/'.join(kinds)}-time ratio {min(v for v, _ in vals):.2f}–{worst:.2f}, wall {min(walls):.2f}–{max(walls):.2f}. "
+              "Strongly ragged meda_fixed: " + ", ".join(
+                  f"{r['dtype']} B={r['batch']} r={r['budget']}: {cpu_or_wall(r, 't_over_full_rL')[0]:.2f}" for r in fixed))
         rows.append(("t(compressed from L at r) / t(full of r·L) <= 1.10 at 16k",
                      "met" if worst <= 1.10 else f"not met (worst {worst:.2f})", ev))
 
@@ -108,14 +115,21 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
           and r["method"] in ("snapkv", "meda", "meda_fixed")]
     if sp:
         ok = all(cpu_or_wall(r, "speedup_over_bound")[0] >= 0.9 for r in sp)
-        ev = "; ".join(f"{r['dtype']} B={r['batch']} L={r['context'] // 1024}k {r['method']}: "
-                       f"{_both(r, 'speedup_vs_full')}x vs bound {r['bound_speedup']:.2f}x"
-                       for r in sorted(sp, key=lambda r: (r["method"], r["dtype"], r["batch"], r["context"])))
+        worst = min(sp, key=lambda r: cpu_or_wall(r, "speedup_over_bound")[0])
+        parts = []
+        for dt, b, c in sorted({(r["dtype"], r["batch"], r["context"]) for r in sp}, key=lambda g: (g[0] != "fp32", g[1], g[2])):
+            g = {r["method"]: r for r in sp if (r["dtype"], r["batch"], r["context"]) == (dt, b, c)}
+            bound = next(iter(g.values()))["bound_speedup"]
+            parts.append(f"{dt} B={b} {c // 1024}k: " + "/".join(
+                f"{m} {cpu_or_wall(g[m], 'speedup_vs_full')[0]:.2f}x" for m in ("meda", "snapkv", "meda_fixed") if m in g)
+                + f" vs bound {bound:.2f}x")
+        ev = (f"worst {100 * cpu_or_wall(worst, 'speedup_over_bound')[0]:.0f}% of the bound "
+              f"({worst['dtype']} B={worst['batch']} {worst['context'] // 1024}k {worst['method']}); " + "; ".join(parts))
         missing = [f"B={b} L={c // 1024}k" for b in (1, 8) for c in (16384, 32768)
                    if not any(r["batch"] == b and r["context"] == c for r in sp)]
         if missing:
             ev += f" (not run: {', '.join(missing)})"
-        rows.append(("speed-up vs our full cache >= 90% of the bandwidth bound (16k, 32k, r=0.2, B=1 and 8)",
+        rows.append(("speed-up vs our full cache >= 90% of the bandwidth-bound speed-up (16k, 32k, r=0.2, B=1 and 8)",
                      "met" if ok else "not met", ev))
 
     # 5. fixed memory
@@ -137,12 +151,14 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     for r in pre:
         if r["method"] == "full" or r["context"] != 8192:
             continue
-        ok_t = r["total_s_vs_full"] <= 1.15
+        # CPU time of the whole call when recorded (other processes held the core for much of the wall time)
+        ok_t = (r.get("cpu_s_vs_full") or r["total_s_vs_full"]) <= 1.15
         ok_m = r["peak_mem_bytes_vs_full"] <= 1.2
         rows.append((f"prefill + compression <= 1.15x plain SDPA prefill, peak memory <= 1.2x (8k, {r['dtype']})",
                      f"time {'met' if ok_t else 'not met'}, memory {'met' if ok_m else 'not met'}",
-                     f"time {r['total_s_vs_full']:.2f}x (paired median {r['total_s_vs_full_paired_median']:.2f}x"
-                     + (f"; CPU time of the call {r['cpu_s_vs_full']:.2f}x" if r.get("cpu_s_vs_full") else "") + "); "
+                     (f"CPU time of the call {r['cpu_s_vs_full']:.2f}x; " if r.get("cpu_s_vs_full") else "")
+                     + f"wall prefill+compress {r['total_s_vs_full']:.2f}x (paired median "
+                     f"{r['total_s_vs_full_paired_median']:.2f}x); "
                      f"peak RSS {r['peak_mem_bytes_vs_full']:.2f}x; peak above the loaded model "
                      f"{r['peak_above_model_bytes_vs_full']:.2f}x"))
     return rows
@@ -163,8 +179,8 @@ def plots(data: dict[str, dict[str, Any]], img_dir: Path) -> list[str]:
         fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
         for ax, dt in zip(axes[0], dtypes):
             for method, style in (("full", "k-o"), ("snapkv", "b-s"), ("meda", "r-^"), ("full@rL", "g--.")):
-                pts = sorted((r["context"], r["ms_per_step"]) for r in dec if r["dtype"] == dt and r["method"] == method
-                             and (method == "full" or r["budget"] == 0.2))
+                pts = sorted((r["context"], 1e3 * r.get("cpu_median_s", r["median_s"])) for r in dec
+                             if r["dtype"] == dt and r["method"] == method and (method == "full" or r["budget"] == 0.2))
                 if pts:
                     label = {"full@rL": "full cache of 0.2·L tokens"}.get(method, method + ("" if method == "full" else " r=0.2"))
                     ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], style, label=label)
@@ -172,7 +188,7 @@ def plots(data: dict[str, dict[str, Any]], img_dir: Path) -> list[str]:
             if bound:
                 ax.plot([p[0] / 1024 for p in bound], [p[1] for p in bound], "k:", label="bandwidth bound (full)")
             ax.set_xlabel("context (k tokens)")
-            ax.set_ylabel("ms per decode step (median)")
+            ax.set_ylabel("CPU ms per decode step (median)")
             ax.set_title(f"decode, batch 1, {dt}")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
@@ -189,10 +205,11 @@ def plots(data: dict[str, dict[str, Any]], img_dir: Path) -> list[str]:
         for ax, dt in zip(axes[0], dtypes):
             for method, style, label in (("hf_full", "m-o", "transformers (DynamicCache + SDPA)"),
                                          ("ours_full", "k-s", "ours (RaggedKVCache)")):
-                pts = sorted((r["context"], r["ms_per_step"]) for r in hf if r["dtype"] == dt and r["method"] == method)
+                pts = sorted((r["context"], 1e3 * r.get("cpu_median_s", r["median_s"])) for r in hf
+                             if r["dtype"] == dt and r["method"] == method)
                 ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], style, label=label)
             ax.set_xlabel("context (k tokens)")
-            ax.set_ylabel("ms per decode step (median)")
+            ax.set_ylabel("CPU ms per decode step (median)")
             ax.set_title(f"full-cache decode, batch 1, {dt}")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
@@ -218,18 +235,22 @@ def decode_summary(data: dict[str, dict[str, Any]]) -> str:
         full, snap, meda = get("full"), get("snapkv"), get("meda")
         if not (full and snap and meda):
             continue
-        rows.append([dt, b, f"{c // 1024}k" if c >= 1024 else c, full["ms_per_step"], full["tokens_per_s"], full["kv_bytes_held"] / MiB,
-                     snap["ms_per_step"], meda["ms_per_step"], snap["speedup_vs_full"], meda["speedup_vs_full"],
-                     meda["bound_speedup"], snap["t_over_full_rL"], meda["t_over_full_rL"]])
-    return common.md_table(["dtype", "batch", "L", "full ms/step", "full tok/s", "full KV MiB", "snapkv 0.2 ms",
-                            "meda 0.2 ms", "snapkv speed-up", "meda speed-up", "bound speed-up",
-                            "snapkv t/t(full 0.2L)", "meda t/t(full 0.2L)"], rows)
+        cms = lambda r: 1e3 * r["cpu_median_s"] if r.get("cpu_median_s") else None  # noqa: E731
+        rows.append([dt, b, f"{c // 1024}k" if c >= 1024 else c, full["kv_bytes_held"] / MiB,
+                     full["ms_per_step"], cms(full), full["tokens_per_s"],
+                     snap["ms_per_step"], cms(snap), meda["ms_per_step"], cms(meda),
+                     cpu_or_wall(snap, "speedup_vs_full")[0], cpu_or_wall(meda, "speedup_vs_full")[0],
+                     meda["bound_speedup"], cpu_or_wall(snap, "t_over_full_rL")[0],
+                     cpu_or_wall(meda, "t_over_full_rL")[0]])
+    return common.md_table(["dtype", "batch", "L", "full KV MiB", "full ms/step", "full CPU ms", "full tok/s",
+                            "snapkv ms", "snapkv CPU ms", "meda ms", "meda CPU ms", "snapkv speed-up",
+                            "meda speed-up", "bound speed-up", "snapkv t/t(full 0.2L)", "meda t/t(full 0.2L)"], rows)
 
 
 def _section(suite: str, md: str) -> str:
     # the suite's own Markdown minus its title
-    lines = md.splitlines()
-    return "\n".join(lines[1:]).strip()
+    lines = md.splitlines()[1:]
+    return "\n".join("#" + ln if ln.startswith("## ") else ln for ln in lines).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,13 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         out.append("")
     if "decode" in data:
         out.append("## Decode at a glance (r = 0.2)\n")
+        out.append("Median wall ms and median CPU ms per step (tok/s = batch / wall median); speed-ups and t/t ratios "
+                   "from CPU times (wall-time ratios are in the full table below).\n")
         out.append(decode_summary(data) + "\n")
     if args.notes.exists():
         out.append(args.notes.read_text().strip() + "\n")
     for img in images:
         out.append(f"![{img}](img/{img})\n")
+    import importlib
+
     for suite in SUITE_ORDER:
         md = args.results_dir / f"{suite}.md"
+        if suite in data:  # rebuild the suite's table from its JSON with the current code
+            md.write_text(importlib.import_module(f"benchmarks.{suite}").to_markdown(data[suite]))
         if md.exists():
             out.append(f"## {suite}\n")
             out.append(_section(suite, md.read_text()) + "\n")
