@@ -49,7 +49,13 @@ def parse_args(argv):
     p.add_argument("--agreement-context", type=int, default=2000)
     p.add_argument("--agreement-tokens", type=int, default=24)
     p.add_argument("--no-kvpress", action="store_true", help="skip kvpress (recorded as skipped on request)")
-    return p.parse_args(argv)
+    p.add_argument("--generate-only", action="store_true",
+                   help="only the model.generate check (first dtype) and its forward-loop comparison; implies --no-kvpress")
+    args = p.parse_args(argv)
+    if args.generate_only:
+        args.no_kvpress = True
+        args.contexts = []
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,16 +105,22 @@ def generate_check(model, context: int, n_new: int, dtype_name: str) -> dict[str
     model.set_attn_implementation("sdpa")
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     t = {1: [], 1 + n_new: []}
+    c = {1: [], 1 + n_new: []}
     with torch.inference_mode():
-        for _ in range(2):
+        for _ in range(3):
             for n in t:
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
                 t[n].append(time.perf_counter() - t0)
+                c[n].append(time.process_time() - c0)
     per_step = (min(t[1 + n_new]) - min(t[1])) / n_new
+    per_step_cpu = (min(c[1 + n_new]) - min(c[1])) / n_new
     return {"kind": "hf_generate", "model": "", "dtype": dtype_name, "batch": 1, "context": context,
             "method": "hf_generate", "budget": 1.0, "generate_1_s": t[1], f"generate_{1 + n_new}_s": t[1 + n_new],
-            "n_new": n_new, "per_step_s": per_step, "ms_per_step": 1e3 * per_step}
+            "generate_1_cpu_s": c[1], f"generate_{1 + n_new}_cpu_s": c[1 + n_new],
+            "n_new": n_new, "per_step_s": per_step, "ms_per_step": 1e3 * per_step,
+            "per_step_cpu_s": per_step_cpu, "cpu_ms_per_step": 1e3 * per_step_cpu}
 
 
 def hf_vs_ours(engine, model, args, dname, context, batch, pool, n_layers) -> list[dict[str, Any]]:
@@ -261,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             records += step_recs
             hf_step = next(r for r in step_recs if r["method"] == "hf_full")
             rec["forward_step_ms"] = hf_step["ms_per_step"]
+            rec["forward_step_cpu_ms"] = 1e3 * hf_step["cpu_median_s"]
             rec["generate_over_forward"] = rec["ms_per_step"] / hf_step["ms_per_step"]
+            rec["generate_over_forward_cpu"] = rec["cpu_ms_per_step"] / rec["forward_step_cpu_ms"]
             records.append(rec)
-            log(f"[peers] model.generate per step {rec['ms_per_step']:.1f} ms vs forward step "
-                f"{hf_step['ms_per_step']:.1f} ms at L={args.generate_context}")
+            log(f"[peers] model.generate per step {rec['cpu_ms_per_step']:.1f} CPU ms vs forward step "
+                f"{rec['forward_step_cpu_ms']:.1f} CPU ms at L={args.generate_context}")
     del model, engine
 
     # -- kvpress
@@ -293,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "step_times_s": r["step_times_s"], **s, "ms_per_step": r["ms_per_step"],
                                 "cpu_median_s": r.get("cpu_median_s")})
     else:
-        kv_info["error"] = "skipped on request (--no-kvpress)"
+        kv_info["error"] = ("not part of this run (--generate-only)" if args.generate_only
+                            else "skipped on request (--no-kvpress)")
     run = {"command": command, "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
            "kvpress": kv_info, "wall_s": time.perf_counter() - t_start, "load_average_at_end": common.load_average()}
     common.write_results(SUITE, args.out_dir, run, records, KEY, to_markdown, fresh=args.fresh)
@@ -310,16 +325,19 @@ def to_markdown(data: dict[str, Any]) -> str:
             continue
         ours = next((o for o in recs if o["kind"] == "decode" and o["method"] == "ours_full" and o["dtype"] == r["dtype"]
                      and o["batch"] == r["batch"] and o["context"] == r["context"] and o["run_id"] == r["run_id"]), None)
+        cms = lambda x: 1e3 * x["cpu_median_s"] if x and x.get("cpu_median_s") else None  # noqa: E731
         rows.append([r["dtype"], r["batch"], r["context"], r["ms_per_step"], ours and ours["ms_per_step"],
-                     r["ours_speedup"]])
+                     cms(r), cms(ours), r["ours_speedup"], r.get("ours_speedup_cpu")])
     parts.append("## Full-cache decode: transformers (DynamicCache + SDPA, as generate) vs ours\n\n" + common.md_table(
-        ["dtype", "batch", "context", "transformers ms/step", "ours ms/step", "ours speed-up"], rows))
+        ["dtype", "batch", "context", "transformers ms/step", "ours ms/step", "transformers CPU ms", "ours CPU ms",
+         "ours speed-up (wall)", "ours speed-up (CPU)"], rows))
     gen = [r for r in recs if r["kind"] == "hf_generate"]
     if gen:
         parts.append("\n\n## Check: a real `model.generate`\n\n" + common.md_table(
-            ["dtype", "context", "generate ms/step ((t(1+n)-t(1))/n)", "forward-loop ms/step", "ratio"],
-            [[g["dtype"], g["context"], g["ms_per_step"], g.get("forward_step_ms"), g.get("generate_over_forward")]
-             for g in gen]))
+            ["dtype", "context", "generate CPU ms/step ((t(1+n)-t(1))/n, best of 3)", "forward-loop CPU ms/step",
+             "ratio (CPU)", "generate wall ms/step", "forward-loop wall ms/step"],
+            [[g["dtype"], g["context"], g.get("cpu_ms_per_step"), g.get("forward_step_cpu_ms"),
+              g.get("generate_over_forward_cpu"), g["ms_per_step"], g.get("forward_step_ms")] for g in gen]))
     side = [r for r in recs if r["kind"] == "kvpress_side"]
     if side:
         rows = []
@@ -341,7 +359,9 @@ def to_markdown(data: dict[str, Any]) -> str:
               a["identical_prefix"], a["ours_vs_ours_full_matching"]] for a in agr]))
     for run in data["runs"]:
         kv = run.get("kvpress", {})
-        if kv.get("error"):
+        if run.get("args", {}).get("generate_only") == "True":
+            parts.append(f"\n\nRun {run['run_id']} re-measured only the `model.generate` check (with CPU times).")
+        elif kv.get("error"):
             parts.append(f"\n\n**kvpress (run {run['run_id']}) did not run:** {kv['error']}")
         elif kv.get("env"):
             parts.append(f"\n\nkvpress environment (run {run['run_id']}): {kv['env']}")
