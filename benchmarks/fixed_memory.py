@@ -13,6 +13,7 @@ methods interleaved step by step. What compression buys a batch job: batch and t
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from typing import Any
@@ -124,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 def to_markdown(data: dict[str, Any]) -> str:
     rows = [[r["dtype"], r["context"], r["cap_bytes"] / GiB, r["method"], None if r["method"] == "full" else r["budget"],
              r["bytes_per_row"] / MiB, r["batch"], r["allocated_bytes"] / MiB, r["ms_per_step"], r["tokens_per_s"],
-             r.get("batch_vs_full"), r.get("tokens_per_s_vs_full")] for r in data["records"]]
+             r.get("batch_vs_full"), r.get("tokens_per_s_vs_full"),
+             1e3 * statistics.median(r["step_cpu_s"]) if r.get("step_cpu_s") else None, r.get("tokens_per_cpu_s"),
+             r.get("tokens_per_cpu_s_vs_full")] for r in data["records"]]
     table = common.md_table(["dtype", "context", "cap GiB", "method", "r", "MiB per row", "largest batch",
-                             "KV allocated MiB", "ms/step", "tok/s", "batch vs full", "tok/s vs full"], rows)
+                             "KV allocated MiB", "ms/step", "tok/s", "batch vs full", "tok/s vs full", "CPU ms/step",
+                             "tok per CPU s", "tok per CPU s vs full"], rows)
     return f"# fixed_memory\n\n{table}\n\nRuns:\n{common.runs_markdown(data)}\n"
 
 

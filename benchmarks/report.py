@@ -272,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         out.append(f"- {mm['cpu_model']}, {mm['logical_cores']} logical cores, "
                    f"{(mm['mem_total_bytes'] or 0) / common.GiB:.0f} GiB RAM; Python {mm['python']}, torch {mm['torch']}, "
                    f"transformers {mm['transformers']}")
-    out.append("\nThe machine is shared: another process ran on one of the two cores throughout, so every "
-               "suite runs 1 thread (recorded per run, with the load average at start and end). Single step "
-               "times vary by ±30%; medians over interleaved steps are reported.\n")
+    out.append("\nThe machine is shared: other jobs ran on it throughout (load average 2-7 on 2 cores), so every "
+               "suite runs 1 thread (recorded per run, with the load average at start and end). Single wall-clock "
+               "step times vary by up to ±50%; medians over interleaved steps are reported, and each step's process "
+               "CPU time too (see *How these were measured*).\n")
     rows = targets(data)
     if rows:
         out.append("## Targets\n")
