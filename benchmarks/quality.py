@@ -5,7 +5,11 @@
 Each held-out question (`meda_quality.task.heldout_set`: clips of several lengths, 8 question types)
 is answered greedily under every method and budget, in two protocols:
 
-* ``aware``: the whole prompt, question included, is prefilled and compressed (as MEDA does);
+* ``aware``: the prompt, question included, is prefilled and compressed (as MEDA does), all but its
+  last token, which is fed on the compressed cache (`Request.answer_from_compressed_cache`), so that
+  every answer token is decoded from the compressed cache. (Compressing the whole prompt would let the
+  first answer token come from the full-cache prefill; with one-word answers every method would then
+  score like the full cache.)
 * ``agnostic``: the video is compressed before the question is seen; the question is fed on top of
   the compressed cache (`Request.query_after_compression`), the realistic streaming/caching case.
 
@@ -72,6 +76,7 @@ def run_config(engine, items, compression, protocol: str, batch_size: int) -> li
             it = items[i]
             reqs.append(Request(prompt=it.question, video=it.clip().raw_frames, video_fps=task.RAW_FPS,
                                 query_after_compression=protocol == "agnostic",
+                                answer_from_compressed_cache=protocol == "aware",
                                 generation=GenerationConfig(max_new_tokens=qeval.MAX_NEW_TOKENS)))
         for i, res in zip(idx, engine.generate(reqs, compression=compression)):
             t = res.telemetry

@@ -62,6 +62,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--query-after-compression", action="store_true",
                    help="compress the media context first, then feed the question (query-agnostic)")
+    p.add_argument("--answer-from-compressed-cache", action="store_true",
+                   help="feed the prompt's last token after compression, so every answer token is decoded "
+                        "from the compressed cache")
     p.add_argument("--json", action="store_true", help="print one JSON object (answer + telemetry)")
     add_compression_args(p)
     p.set_defaults(func=run_generate)
@@ -83,7 +86,8 @@ def run_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     max_pixels_per_frame=args.max_pixels_per_frame)
     request = Request(prompt=args.prompt, video=video, images=images, generation=generation,
-                      query_after_compression=args.query_after_compression)
+                      query_after_compression=args.query_after_compression,
+                      answer_from_compressed_cache=args.answer_from_compressed_cache)
     result = engine.generate([request], compression=compression)[0]
     if args.json:
         print(json.dumps({"text": result.text, "finish_reason": result.finish_reason,

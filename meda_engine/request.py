@@ -55,10 +55,16 @@ class Request:
     Either give ``messages`` (a chat, the last one from the user), or the shorthand ``prompt`` with
     optional ``images`` / ``video`` / ``system``, which becomes one user message (media first).
 
-    ``query_after_compression`` selects the query-agnostic protocol: everything up to the last visual
-    token is prefilled and compressed, and the rest (the question and the assistant header) is fed
-    on top of the compressed cache before decoding. The default (False) compresses the whole prompt,
-    question included, as MEDA does.
+    Where the prompt is split between prefill (then compression) and the tokens fed on top of the
+    compressed cache:
+
+    * default: the whole prompt is prefilled and compressed, question included (as MEDA does); the
+      first new token comes from the prefill's logits, so it still saw the full cache;
+    * ``answer_from_compressed_cache``: all but the last prompt token are prefilled and compressed; the
+      last one is fed on the compressed cache, so *every* generated token is decoded from it (the
+      query-aware evaluation protocol);
+    * ``query_after_compression``: everything up to the last visual token is prefilled and compressed,
+      the rest (the question, the assistant header) comes after (the query-agnostic protocol).
     """
 
     prompt: str | None = None
@@ -70,6 +76,7 @@ class Request:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     compression: CompressionConfig | None = None  # None: the engine call's default
     query_after_compression: bool = False
+    answer_from_compressed_cache: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __post_init__(self) -> None:

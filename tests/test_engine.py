@@ -204,6 +204,21 @@ def test_query_agnostic_protocol(engines):
     assert abs(sum(comp.telemetry.layer_budgets) - round(0.2 * prompt.n_context * eng.dims.n_layers)) <= 1
 
 
+def test_answer_from_compressed_cache(engines):
+    """All but the last prompt token are compressed; every answer token is decoded from the compressed cache."""
+    for fam in ("qwen2_vl", "llama"):
+        eng = engines[fam]
+        split = eng.generate([make_request(fam, answer_from_compressed_cache=True)], compression=CompressionConfig("full"))
+        whole = eng.generate([make_request(fam)], compression=CompressionConfig("full"))
+        assert split[0].token_ids == whole[0].token_ids  # the same computation, fed in two parts
+    req = make_request("qwen2_vl", video=LONG_VIDEO, answer_from_compressed_cache=True)
+    prompt = engines["qwen2_vl"].prepare(req).prompt
+    assert prompt.n_context == prompt.length - 1
+    out = engines["qwen2_vl"].generate([req], compression=CompressionConfig("snapkv", budget=0.2))[0]
+    n_layers = engines["qwen2_vl"].dims.n_layers
+    assert abs(sum(out.telemetry.layer_budgets) - round(0.2 * (prompt.length - 1) * n_layers)) <= 1
+
+
 def test_stop_strings_eos_and_sampling(engines):
     eng = engines["llama"]
     base = eng.generate([make_request("llama", max_new_tokens=12)])[0]

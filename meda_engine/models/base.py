@@ -117,13 +117,16 @@ class ModelAdapter:
             )
 
     @staticmethod
-    def _context_split(modality: torch.Tensor, query_after_compression: bool) -> int:
-        if not query_after_compression:
-            return int(modality.shape[0])
-        visual = torch.nonzero(modality != TEXT).flatten()
-        if visual.numel() == 0:
-            raise ConfigError("query_after_compression needs an image or video in the prompt")
-        return int(visual[-1]) + 1
+    def _context_split(modality: torch.Tensor, request: Request) -> int:
+        """How many prompt tokens are prefilled (and compressed) before the rest is fed (see `Request`)."""
+        if request.query_after_compression:
+            visual = torch.nonzero(modality != TEXT).flatten()
+            if visual.numel() == 0:
+                raise ConfigError("query_after_compression needs an image or video in the prompt")
+            return int(visual[-1]) + 1
+        if request.answer_from_compressed_cache and modality.shape[0] > 1:
+            return int(modality.shape[0]) - 1
+        return int(modality.shape[0])
 
     # ---- positions and batching -------------------------------------------------------------
     def positions(self, model: Any, prompt: PreparedPrompt) -> tuple[torch.Tensor, int]:

@@ -38,6 +38,4 @@ class CausalLMAdapter(ModelAdapter):
             raise ConfigError("empty prompt: it tokenises to no tokens")
         self._check_context(int(input_ids.shape[0]), 0, max_new_tokens)
         modality = torch.zeros(input_ids.shape, dtype=torch.int8)
-        if request.query_after_compression:
-            raise ConfigError("query_after_compression needs an image or video in the prompt")
-        return PreparedPrompt(input_ids=input_ids, modality=modality)
+        return PreparedPrompt(input_ids=input_ids, modality=modality, n_context=self._context_split(modality, request))

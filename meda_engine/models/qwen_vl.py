@@ -102,7 +102,7 @@ class Qwen2VLAdapter(ModelAdapter):
             input_ids=input_ids,
             modality=modality,
             vision=vision,
-            n_context=self._context_split(modality, request.query_after_compression),
+            n_context=self._context_split(modality, request),
             n_frames=n_frames,
             extra={"second_per_grid_ts": seconds_per_grid},
         )
