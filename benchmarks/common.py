@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
@@ -340,6 +341,13 @@ def write_results(suite: str, out_dir: Path, run: dict[str, Any], records: list[
     """Merge this run's records into ``<out_dir>/<suite>.json`` (a record replaces an earlier one with the
     same key; each record names the run it came from) and rewrite ``<suite>.md`` from the result."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # several runs of one suite may write the same file (e.g. one per core): serialise the merge
+    with open(out_dir / f".{suite}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge_results(suite, out_dir, run, records, key_fields, to_markdown, fresh)
+
+
+def _merge_results(suite, out_dir, run, records, key_fields, to_markdown, fresh) -> dict[str, Any]:
     path = out_dir / f"{suite}.json"
     data: dict[str, Any] = {"suite": suite, "runs": [], "records": []}
     if path.exists() and not fresh:

@@ -32,11 +32,14 @@ def test_subset() -> list[task.Item]:
 
 
 def evaluate(engine: Engine, items: Sequence[task.Item], *, compression: CompressionConfig | None = None,
-             batch_size: int = 8, frames: Callable[[task.Item], np.ndarray] | None = None) -> list[dict]:
+             batch_size: int = 8, frames: Callable[[task.Item], np.ndarray] | None = None,
+             query_after_compression: bool = False) -> list[dict]:
     """Answer every item (batched by clip length) and score it.
 
     ``frames(item)`` gives the ``(2N, H, W, 3)`` uint8 video (default: the rendered clip, e.g. pass
-    a function that decodes the item's MP4 instead). Returns one record per item, in order:
+    a function that decodes the item's MP4 instead). ``query_after_compression`` selects the engine's
+    query-agnostic protocol (the question is fed after the video's cache was compressed). Returns
+    one record per item, in order:
     ``{seed, n_frames, qtype, question, answer, output, correct}``.
     """
     frames = frames or (lambda item: item.clip().raw_frames)
@@ -46,7 +49,8 @@ def evaluate(engine: Engine, items: Sequence[task.Item], *, compression: Compres
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start : start + batch_size]]
         requests = [Request(prompt=it.question, video=frames(it), video_fps=task.RAW_FPS,
-                            generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)) for it in chunk]
+                            generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS),
+                            query_after_compression=query_after_compression) for it in chunk]
         results = engine.generate(requests, compression=compression)
         for i, it, res in zip(order[start : start + batch_size], chunk, results):
             records[i] = {"seed": it.seed, "n_frames": it.n_frames, "qtype": it.qtype, "question": it.question,
@@ -108,6 +112,22 @@ def table(summary: dict, lengths: Sequence[int]) -> str:
                     + f" | {100 * summary['by_type'][t]['accuracy']:.1f} |")
     rows.append("| **all** | " + " | ".join(f"{100 * summary['by_length'][str(n)]['accuracy']:.1f}" for n in lengths)
                 + f" | **{100 * summary['overall']['accuracy']:.1f}** |")
+    return "\n".join(rows)
+
+
+def seeds_table(model_dirs: Sequence[str | Path]) -> str:
+    """Markdown: per question type and per clip length, each checkpoint's held-out accuracy (from its
+    eval.json) and the mean over checkpoints."""
+    evals = [json.loads((Path(d) / "eval.json").read_text())["heldout"] for d in model_dirs]
+    names = [Path(d).name for d in model_dirs]
+    rows = ["| | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
+    keys = [("by_type", t) for t in task.QTYPES] + [("by_length", str(n)) for n in evals[0]["lengths"]]
+    for group, key in keys:
+        vals = [100 * e[group][key]["accuracy"] for e in evals]
+        label = key if group == "by_type" else f"{key} frames"
+        rows.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {np.mean(vals):.1f} |")
+    vals = [100 * e["overall"]["accuracy"] for e in evals]
+    rows.append("| **all** | " + " | ".join(f"{v:.1f}" for v in vals) + f" | **{np.mean(vals):.1f}** |")
     return "\n".join(rows)
 
 

@@ -127,3 +127,23 @@ def test_peers_and_report(tmp_path, monkeypatch):
     assert run_suite("report", ["--results-dir", str(out), "--docs", str(docs / "benchmarks.md")]) == 0
     text = (docs / "benchmarks.md").read_text()
     assert "peers" in text and "python -m benchmarks.peers" in text
+
+
+def test_quality(tmp_path):
+    """The committed needle-s0 model on 4-frame clips, 2 configs, both protocols; plots written."""
+    out, img = tmp_path / "results", tmp_path / "img"
+    assert run_suite("quality", [
+        "--models", "models/needle-s0", "--configs", "full,meda", "--budgets", "0.2", "--lengths", "4",
+        "--per-cell", "1", "--protocols", "aware,agnostic", "--out-dir", str(out), "--plots-dir", str(img),
+        "--fresh"]) == 0
+    data = json.loads((out / "quality.json").read_text())
+    recs = {(r["config"], r["protocol"]): r for r in data["records"]}
+    assert set(recs) == {(c, p) for c in ("full", "meda") for p in ("aware", "agnostic")}
+    for (config, protocol), r in recs.items():
+        assert r["n"] == 8 and r["length"] == 4 and 0 <= r["accuracy"] <= 1 and r["model"] == "needle-s0"
+        assert r["keep_ratio"] == pytest.approx(1.0 if config == "full" else 0.2, abs=0.05)
+        assert len(r["layer_ratios"]) == 4
+    assert recs[("meda", "aware")]["layer_entropies"] and 0 <= recs[("meda", "aware")]["agreement"] <= 1
+    md = (out / "quality.md").read_text()
+    assert "## aware, 4-frame clips" in md and "## Targets (longest clips)" in md
+    assert {p.name for p in img.iterdir()} == {"quality_accuracy_vs_budget.png", "quality_layer_budgets.png"}
