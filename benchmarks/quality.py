@@ -42,6 +42,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "meda-nomerge": {"method": "meda", "merge": "none"},
     "meda-noprior": {"method": "meda", "text_prior": False},
     "meda-exact": {"method": "meda", "score_queries": 0},
+    # allocation study: sharper softmax over the layer entropies (MEDA uses temperature 1; lookm is the
+    # same scorer and merger with a uniform allocation, i.e. temperature -> infinity)
+    "meda-t0.5": {"method": "meda", "temperature": 0.5},
+    "meda-t0.25": {"method": "meda", "temperature": 0.25},
 }
 UNIFORM_BASELINES = ("streamingllm", "h2o", "snapkv", "lookm")
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -228,14 +232,18 @@ def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
     made = []
     protocols = sorted({r["protocol"] for r in rows})
     lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(len(protocols), len(lengths), figsize=(4.2 * len(lengths), 3.6 * len(protocols)),
+    pooled = pooled_table(data)
+    panels = ["all", *lengths] if len(lengths) > 1 else lengths
+    fig, axes = plt.subplots(len(protocols), len(panels), figsize=(4.2 * len(panels), 3.6 * len(protocols)),
                              squeeze=False, sharey=True)
     styles = {"streamingllm": "c-v", "h2o": "y-d", "snapkv": "b-s", "pyramidkv": "g-p", "lookm": "m-x",
-              "meda": "r-o", "meda-code": "r--^", "meda-nomerge": "r:.", "meda-noprior": "r-.", "meda-exact": "r--*"}
+              "meda": "r-o", "meda-code": "r--^", "meda-nomerge": "r:.", "meda-noprior": "r-.", "meda-exact": "r--*",
+              "meda-t0.5": "k--o", "meda-t0.25": "k:o"}
     for i, protocol in enumerate(protocols):
-        for j, length in enumerate(lengths):
+        for j, length in enumerate(panels):
             ax = axes[i][j]
-            sel = [r for r in rows if r["protocol"] == protocol and r["length"] == length]
+            sel = [r for r in (pooled if length == "all" else rows)
+                   if r["protocol"] == protocol and r["length"] == length]
             full = next((r for r in sel if r["config"] == "full"), None)
             if full:
                 ax.axhline(full["accuracy"], color="k", lw=1, label="full cache")
@@ -245,7 +253,11 @@ def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style,
                                 ms=4, lw=1, capsize=2, label=config)
             ax.set_xscale("log")
-            ax.set_title(f"{protocol}, {length} frames", fontsize=10)
+            ticks = sorted({r["budget"] for r in sel if r["config"] != "full"})
+            ax.set_xticks(ticks, [f"{b:g}" for b in ticks])
+            ax.minorticks_off()
+            ax.set_title(f"{protocol}, " + ("all lengths pooled" if length == "all" else f"{length} frames"),
+                         fontsize=10)
             ax.set_xlabel("KV budget (kept fraction)")
             if j == 0:
                 ax.set_ylabel("exact-match accuracy")
@@ -274,6 +286,7 @@ def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
     ax1.set_title(f"per-layer keep-ratio, budget 0.2, {longest} frames", fontsize=10)
     ax2.set_title("per-layer entropy (nats)", fontsize=10)
     for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
@@ -285,25 +298,54 @@ def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
     return made
 
 
+def pooled_table(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy and agreement per (config, budget, protocol) over all clip lengths (each model's records
+    averaged over the lengths, which hold equally many questions), then mean and std over the models."""
+    per_model: dict[tuple, list[dict[str, Any]]] = {}
+    for r in data["records"]:
+        per_model.setdefault((r["config"], r["budget"], r["protocol"], r["model"]), []).append(r)
+    groups: dict[tuple, list[tuple[float, float, int]]] = {}
+    for (config, budget, protocol, _), rs in per_model.items():
+        groups.setdefault((config, budget, protocol), []).append(
+            (float(np.mean([r["accuracy"] for r in rs])), float(np.mean([r.get("agreement", 1.0) for r in rs])),
+             sum(r["n"] for r in rs)))
+    return [{"config": c, "budget": b, "protocol": p, "length": "all", "models": len(v),
+             "accuracy": float(np.mean([x[0] for x in v])), "accuracy_std": float(np.std([x[0] for x in v])),
+             "agreement": float(np.mean([x[1] for x in v])), "n": sum(x[2] for x in v)}
+            for (c, b, p), v in groups.items()]
+
+
+def _grid(sel: list[dict[str, Any]], cell) -> str:
+    """A method x budget Markdown table of ``cell(record)``; the full cache is repeated across budgets."""
+    budgets = sorted({r["budget"] for r in sel if r["config"] != "full"})
+    table = []
+    for c in [c for c in CONFIGS if any(r["config"] == c for r in sel)]:
+        cells = []
+        for b in ([1.0] if c == "full" else budgets):
+            r = next((x for x in sel if x["config"] == c and x["budget"] == b), None)
+            cells.append("-" if r is None else cell(r))
+        table.append([c, *(cells * len(budgets) if c == "full" else cells)])
+    return common.md_table(["method", *[str(b) for b in budgets]], table)
+
+
 def to_markdown(data: dict[str, Any]) -> str:
     rows = summary_table(data)
     lines = ["# quality", "", common.runs_markdown(data), ""]
+    acc = lambda r: f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}"  # noqa: E731
+    pooled = pooled_table(data)
     for protocol in sorted({r["protocol"] for r in rows}):
-        for length in sorted({r["length"] for r in rows}):
+        lengths = sorted({r["length"] for r in rows if r["protocol"] == protocol})
+        sel = [r for r in pooled if r["protocol"] == protocol]
+        n_models = max(r["models"] for r in sel)
+        lines += [f"## {protocol}, all clip lengths ({', '.join(map(str, lengths))} frames) pooled: accuracy, "
+                  f"mean ± std over {n_models} model(s), {max(r['n'] for r in sel)} answers per cell", "",
+                  _grid(sel, acc), ""]
+        lines += [f"## {protocol}, all clip lengths pooled: agreement with the full-cache answer", "",
+                  _grid(sel, lambda r: f"{r['agreement']:.3f}"), ""]
+        for length in lengths:
             sel = [r for r in rows if r["protocol"] == protocol and r["length"] == length]
-            budgets = sorted({r["budget"] for r in sel if r["config"] != "full"})
-            configs = [c for c in CONFIGS if any(r["config"] == c for r in sel)]
-            table = []
-            for c in configs:
-                cells = []
-                for b in ([1.0] if c == "full" else budgets):
-                    r = next((x for x in sel if x["config"] == c and x["budget"] == b), None)
-                    cells.append("-" if r is None else f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}")
-                if c == "full":
-                    cells = cells * len(budgets)
-                table.append([c, *cells])
-            lines += [f"## {protocol}, {length}-frame clips (accuracy, mean ± std over models)", "",
-                      common.md_table(["method", *[str(b) for b in budgets]], table), ""]
+            lines += [f"## {protocol}, {length}-frame clips (accuracy, mean ± std over models, "
+                      f"{max(r['n'] for r in sel)} answers per cell)", "", _grid(sel, acc), ""]
     t = targets(data)
     if t:
         lines += ["## Targets (longest clips)", "", *t, ""]
