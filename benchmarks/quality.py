@@ -16,7 +16,7 @@ is answered greedily under every method and budget, in two protocols:
 Reported per (method, budget, protocol, clip length): accuracy (mean and spread over the models),
 agreement with the full-cache answer, the measured keep-ratio, and for entropy methods the per-layer
 budgets and entropies. Methods: the baselines, MEDA (paper entropy, average merge, text prior) and
-MEDA ablations (code entropy, no merge, no text prior, exact all-query scores).
+MEDA ablations (code entropy, no merge, pivot merge, no text prior, exact all-query scores, sharper allocation).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "meda-nomerge": {"method": "meda", "merge": "none"},
     "meda-noprior": {"method": "meda", "text_prior": False},
     "meda-exact": {"method": "meda", "score_queries": 0},
+    "meda-pivot": {"method": "meda", "merge": "pivot"},
     # allocation study: sharper softmax over the layer entropies (MEDA uses temperature 1; lookm is the
     # same scorer and merger with a uniform allocation, i.e. temperature -> infinity)
     "meda-t0.5": {"method": "meda", "temperature": 0.5},
@@ -237,7 +238,7 @@ def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(len(protocols), len(panels), figsize=(4.2 * len(panels), 3.6 * len(protocols)),
                              squeeze=False, sharey=True)
     styles = {"streamingllm": "c-v", "h2o": "y-d", "snapkv": "b-s", "pyramidkv": "g-p", "lookm": "m-x",
-              "meda": "r-o", "meda-code": "r--^", "meda-nomerge": "r:.", "meda-noprior": "r-.", "meda-exact": "r--*",
+              "meda": "r-o", "meda-code": "r--^", "meda-nomerge": "r:.", "meda-noprior": "r-.", "meda-exact": "r--*", "meda-pivot": "r-s",
               "meda-t0.5": "k--o", "meda-t0.25": "k:o"}
     for i, protocol in enumerate(protocols):
         for j, length in enumerate(panels):
