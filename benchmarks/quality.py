@@ -64,6 +64,8 @@ def parse_args(argv):
     p.add_argument("--configs", type=common.str_list, default=list(CONFIGS), help=f"of {', '.join(CONFIGS)}")
     p.add_argument("--protocols", type=common.str_list, default=["aware", "agnostic"])
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: rewrite quality.md (and the plots with --plots-dir) from the JSON in --out-dir")
     p.add_argument("--plots-dir", type=Path, default=None,
                    help="also write PNG plots of all results in the JSON there (e.g. docs/img)")
     return p.parse_args(argv)
@@ -125,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     from meda_engine import CompressionConfig, Engine
     from meda_quality import task
 
+    if args.render_only:
+        import json
+
+        data = json.loads((Path(args.out_dir) / "quality.json").read_text())
+        (Path(args.out_dir) / "quality.md").write_text(to_markdown(data))
+        for path in plots(data, args.plots_dir) if args.plots_dir is not None else []:
+            common.log(f"[quality] wrote {path}")
+        return 0
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")

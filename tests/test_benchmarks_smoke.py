@@ -147,3 +147,6 @@ def test_quality(tmp_path):
     md = (out / "quality.md").read_text()
     assert "## aware, 4-frame clips" in md and "## Targets (longest clips)" in md
     assert {p.name for p in img.iterdir()} == {"quality_accuracy_vs_budget.png", "quality_layer_budgets.png"}
+    (out / "quality.md").unlink()
+    assert run_suite("quality", ["--render-only", "--out-dir", str(out)]) == 0
+    assert (out / "quality.md").read_text() == md
