@@ -400,5 +400,21 @@ def runs_markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (benchmarks run on servers without a display)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Lay out, write as PNG and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

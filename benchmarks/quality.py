@@ -21,6 +21,7 @@ MEDA ablations (code entropy, no merge, pivot merge, no text prior, exact all-qu
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     from meda_quality import task
 
     if args.render_only:
-        import json
-
         data = json.loads((Path(args.out_dir) / "quality.json").read_text())
         (Path(args.out_dir) / "quality.md").write_text(to_markdown(data))
         for path in plots(data, args.plots_dir) if args.plots_dir is not None else []:
@@ -231,10 +230,7 @@ def targets(data: dict[str, Any]) -> list[str]:
 def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
     """PNG plots: accuracy vs budget per method (one panel per protocol and clip length, error bars =
     std over models), and per-layer keep-ratios and entropies of the entropy-allocated methods."""
-    import os
-
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     rows = summary_table(data)
     if not rows:
@@ -274,11 +270,7 @@ def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
                 ax.set_ylabel("exact-match accuracy")
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = img_dir / "quality_accuracy_vs_budget.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    made.append(path)
+    made.append(common.save_figure(fig, img_dir / "quality_accuracy_vs_budget.png"))
 
     # per-layer allocation at budget 0.2 on the longest clips, mean over models
     longest = max(lengths)
@@ -301,11 +293,7 @@ def plots(data: dict[str, Any], img_dir: Path) -> list[Path]:
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    path = img_dir / "quality_layer_budgets.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    made.append(path)
+    made.append(common.save_figure(fig, img_dir / "quality_layer_budgets.png"))
     return made
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -178,8 +177,7 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
 # plots
 # ---------------------------------------------------------------------------------------------------
 def plots(data: dict[str, dict[str, Any]], img_dir: Path) -> list[str]:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     img_dir.mkdir(parents=True, exist_ok=True)
     made = []
@@ -203,11 +201,7 @@ def plots(data: dict[str, dict[str, Any]], img_dir: Path) -> list[str]:
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = img_dir / "decode_ms_vs_context.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path.name)
+        made.append(common.save_figure(fig, img_dir / "decode_ms_vs_context.png", dpi=110).name)
     hf = [r for r in data.get("peers", {}).get("records", []) if r["kind"] == "decode" and r["batch"] == 1]
     if hf:
         dtypes = sorted({r["dtype"] for r in hf}, reverse=True)
@@ -224,11 +218,7 @@ def plots(data: dict[str, dict[str, Any]], img_dir: Path) -> list[str]:
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = img_dir / "peers_full_decode.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path.name)
+        made.append(common.save_figure(fig, img_dir / "peers_full_decode.png", dpi=110).name)
     return made
 
 
