@@ -98,7 +98,7 @@ class AttnSwitch:
 
 
 def generate_check(model, context: int, n_new: int, dtype_name: str) -> dict[str, Any]:
-    """Per-step time of a real ``model.generate``: (t(1+n) - t(1)) / n, best of two each."""
+    """Per-step time of a real ``model.generate``: (t(1+n) - t(1)) / n, best of three each."""
     import torch
 
     ids = torch.randint(10, 100, (1, context))

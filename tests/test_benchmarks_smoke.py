@@ -119,7 +119,7 @@ def test_peers_and_report(tmp_path, monkeypatch):
     assert set(dec) == {"ours_full", "hf_full"}
     assert _pos(dec["hf_full"]["ours_speedup"]) and dec["ours_full"]["ours_speedup"] == 1.0
     gen = [r for r in data["records"] if r["kind"] == "hf_generate"]
-    assert len(gen) == 1 and _pos(gen[0]["forward_step_ms"]) and len(gen[0]["generate_1_s"]) == 2
+    assert len(gen) == 1 and _pos(gen[0]["forward_step_ms"]) and len(gen[0]["generate_1_s"]) == 3
     side = {r["method"] for r in data["records"] if r["kind"] == "kvpress_side"}
     assert side == {"ours_full", "ours_snapkv", "ours_pyramidkv"}
 
