@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from . import storage
-from .annotate import join, read_rows
+from .batch.layout import join
+from .batch.results import read_rows
 
 
 def _save(fig, fs, path: str) -> None:
