@@ -37,7 +37,7 @@ from .compression import CompressionOutcome, build_method, compress_cache
 from .config import CompressionConfig, ConfigError, GenerationConfig
 from .memory import PeakMemory, synchronize
 from .models import ModelAdapter, PreparedPrompt, build_adapter
-from .models.loading import load_preprocessor_config, resolve_checkpoint
+from .models.loading import load_preprocessor_config, resolve_source
 from .request import Request, Result, Telemetry
 from .sampling import make_generators, next_tokens
 
@@ -94,25 +94,32 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self._lock = threading.Lock()
         self._eos = set(adapter.eos_token_ids)
+        # what was loaded: source, format ("hf" / "gguf"), source quantisation (GGUF), compute dtype
+        self.model_info: dict[str, Any] = {"source": source, "format": "hf", "quantization": None,
+                                           "dtype": str(self.dtype).replace("torch.", "")}
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, source: str, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                         cache_dir: str | None = None, revision: str | None = None,
                         storage_options: dict | None = None, max_pixels_per_frame: int | None = None,
-                        **engine_kwargs) -> "Engine":
-        """Load from a hub id, a local checkpoint directory or an ``s3://`` prefix."""
-        from transformers import AutoConfig, AutoTokenizer
-
-        path = resolve_checkpoint(source, cache_dir=cache_dir, revision=revision, storage_options=storage_options)
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+                        gguf_file: str | None = None, **engine_kwargs) -> "Engine":
+        """Load from a hub id, a local checkpoint directory, an ``s3://`` prefix, or a GGUF checkpoint
+        (a ``.gguf`` file, a directory holding one, or a hub id with ``gguf_file``; see
+        `resolve_source`). GGUF weights are dequantised to ``dtype``; ``engine.model_info`` names the
+        source quantisation."""
+        ckpt = resolve_source(source, gguf_file=gguf_file, cache_dir=cache_dir, revision=revision,
+                              storage_options=storage_options)
+        path = ckpt.path
+        config, tokenizer = hf_glue.load_config_and_tokenizer(str(path), ckpt.gguf_file)
         kwargs = {"max_pixels_per_frame": max_pixels_per_frame} if max_pixels_per_frame else {}
         adapter = build_adapter(config, tokenizer, load_preprocessor_config(Path(path)), **kwargs)
         dev = _resolve_device(device)
         model = hf_glue.load_model(str(path), config, multimodal=adapter.multimodal,
-                                   dtype=_resolve_dtype(dtype, dev), device=dev)
-        return cls(model, tokenizer, adapter, source=str(source), **engine_kwargs)
+                                   dtype=_resolve_dtype(dtype, dev), device=dev, gguf_file=ckpt.gguf_file)
+        engine = cls(model, tokenizer, adapter, source=str(source), **engine_kwargs)
+        engine.model_info.update(ckpt.info(str(source)))
+        return engine
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, preprocessor_config: dict | None = None,

@@ -75,11 +75,24 @@ def model_class_for(config: Any, multimodal: bool):
     return transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
 
 
-def load_model(path: str, config: Any, *, multimodal: bool, dtype: torch.dtype, device: torch.device):
+def load_model(path: str, config: Any, *, multimodal: bool, dtype: torch.dtype, device: torch.device,
+               gguf_file: str | None = None):
+    """Load the weights; with ``gguf_file`` (a name in ``path``) transformers dequantises the GGUF
+    tensors (needs the ``gguf`` and ``accelerate`` packages) and they are cast to ``dtype``."""
     register_attention()
     cls = model_class_for(config, multimodal)
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(config))
-    return model.to(device).eval()
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(config), **extra)
+    return model.to(device=device, dtype=dtype).eval() if gguf_file else model.to(device).eval()
+
+
+def load_config_and_tokenizer(path: str, gguf_file: str | None = None):
+    """``AutoConfig`` and ``AutoTokenizer`` of a checkpoint directory, or of the GGUF file in it (the
+    GGUF header carries both: hyper-parameters, vocabulary, merges and chat template)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(path, **extra), AutoTokenizer.from_pretrained(path, **extra)
 
 
 def use_engine_attention(model: Any) -> None:

