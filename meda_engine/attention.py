@@ -99,7 +99,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         )
         return out.transpose(1, 2).contiguous(), None
     layer = ctx.cache.layers[module.layer_idx]
-    if ctx.phase == "prefill":
+    if getattr(layer, "views", None) is not None and ctx.phase == "decode":  # RowBatchCache: rows own their storage
+        out = rows_decode_attention(query, layer.views, scaling)
+    elif ctx.phase == "prefill":
         out = prefill_attention(query, key, value, scaling, ctx.cache.new_lengths, ctx.stats, module.layer_idx)
     elif query.shape[2] == 1:
         out = decode_attention(query, key, value, layer.offsets, scaling)
@@ -269,6 +271,13 @@ def decode_attention(query, key, value, offsets: torch.Tensor, scaling: float) -
         scores.view(bsz, n_kv, g, n_keys).masked_fill_(~valid[:, None, None, :], NEG)
     probs = torch.softmax(scores, dim=-1)
     return torch.bmm(probs, v3).to(value.dtype).view(bsz, n_q_heads, 1, d)
+
+
+def rows_decode_attention(query, views: list[tuple[torch.Tensor, torch.Tensor]], scaling: float) -> torch.Tensor:
+    """One new query per row, row ``b`` over its own keys and values ``views[b]`` ``(1, H_kv, n_b, D)``
+    (a `RowBatchCache` layer). Each row runs the one-row `decode_attention`, so a row's result is the
+    same whatever its batch-mates hold, and nothing is padded. Returns ``(B, H_q, 1, D)``."""
+    return torch.cat([decode_attention(query[b : b + 1], k, v, None, scaling) for b, (k, v) in enumerate(views)])
 
 
 def extend_attention(query, key, value, offsets: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -164,3 +164,104 @@ class RaggedKVCache(Cache):
 
     def layer_lengths(self, row: int) -> list[int]:
         return [layer.lengths_host[row] for layer in self.layers]
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-row storage: the scheduler's cache
+# ---------------------------------------------------------------------------------------------------
+def held_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once (deduplicated by its
+    data pointer): what the allocator really holds for them, slack and decode room included."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def row_cache_bytes(cache: "RaggedKVCache") -> int:
+    """Storage bytes held by a one-row cache (every layer's K and V, decode room included)."""
+    return held_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+class RowBatchLayer:
+    """One layer of a decode step over rows that each own their storage.
+
+    ``rows[b]`` is row ``b``'s own one-row `RaggedLayer` (its tensors are ``(1, H_kv, capacity_l,
+    D)`` and hold nothing of any other row). After `RowBatchCache.update`, ``views[b]`` are row
+    ``b``'s valid keys and values ``(1, H_kv, n_b, D)``, the token just written included; the decode
+    attention reads those views row by row, so no row is padded to another's length.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, rows: list[RaggedLayer]):
+        self.rows = rows
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def lengths_host(self) -> list[int]:
+        return [r.lengths_host[0] for r in self.rows]
+
+
+class RowBatchCache(Cache):
+    """A transformers ``Cache`` for one decode step over several rows, each a one-row
+    `RaggedKVCache` that owns its memory per layer (`RowBatchLayer`).
+
+    A row's storage is exactly its own kept tokens plus its decode room, whatever the other rows
+    hold: a row's evicted tokens are free memory for other rows. Nothing is copied into a shared
+    padded block; the step writes one token into each row's own buffers.
+    """
+
+    def __init__(self, rows: list["RaggedKVCache"]):
+        if not rows:
+            raise ValueError("a decode step needs at least one row")
+        n_layers = len(rows[0].layers)
+        super().__init__(layers=[RowBatchLayer([r.layers[l] for r in rows]) for l in range(n_layers)])
+        self.rows = rows
+        self.n_rows = len(rows)
+        self.new_lengths: list[int] = [1] * len(rows)
+        self._one: torch.Tensor | None = None
+
+    def begin_forward(self, new_lengths: list[int], device: torch.device) -> None:
+        if list(new_lengths) != [1] * self.n_rows:
+            raise ValueError("a RowBatchCache step feeds exactly one token per row")
+        self._one = torch.ones(1, dtype=torch.long, device=device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``key_states``/``value_states`` ``(B, H_kv, 1, D)``: row ``b``'s goes into row ``b``'s storage."""
+        assert self._one is not None, "begin_forward() was not called"
+        layer = self.layers[layer_idx]
+        layer.views = [
+            row.write(key_states[b : b + 1], value_states[b : b + 1], [1], self._one)
+            for b, row in enumerate(layer.rows)
+        ]
+        return key_states, value_states  # unused: the attention reads layer.views
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.layers[layer_idx].lengths_host, default=0)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+
+def snapshot_lengths(cache: "RaggedKVCache") -> list[int]:
+    """A one-row cache's per-layer lengths (to roll back a failed step with `restore_lengths`)."""
+    return [layer.lengths_host[0] for layer in cache.layers]
+
+
+def restore_lengths(cache: "RaggedKVCache", lengths: list[int]) -> None:
+    """Forget tokens written after `snapshot_lengths` (their slots are overwritten by the next write)."""
+    for layer, n in zip(cache.layers, lengths):
+        if layer.keys is None:
+            continue
+        layer.lengths_host = [n]
+        layer.offsets_host = [n]
+        layer.lengths = torch.tensor([n], dtype=torch.long, device=layer.keys.device)
+        layer.offsets = layer.lengths

@@ -32,7 +32,7 @@ import torch
 
 from . import hf_glue
 from .attention import ForwardContext, PrefillStats
-from .cache import RaggedKVCache
+from .cache import RaggedKVCache, RowBatchCache, restore_lengths, snapshot_lengths
 from .compression import CompressionOutcome, build_method, compress_cache
 from .config import CompressionConfig, ConfigError, GenerationConfig
 from .memory import PeakMemory, synchronize
@@ -53,13 +53,41 @@ class PreparedRequest:
 
 @dataclass
 class StreamEvent:
-    """Emitted by `Engine.stream`: new text for one request, and its `Result` once it finishes."""
+    """Emitted by `Engine.stream` and the scheduler: new text for one request, and, as its last event,
+    either its `Result` (finished) or the exception that ended it (``error``: it failed or was
+    cancelled; its batch-mates carry on)."""
 
-    index: int  # position of the request in the call
+    index: int  # position of the request in the call (scheduler: its submission number)
     request_id: str
     delta: str
     token_id: int | None
     result: Result | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+@dataclass
+class RowState:
+    """One request after prefill + compression (+ extend), ready to join the decode batch.
+
+    ``cache`` is a one-row `RaggedKVCache`: per layer its own ``(1, H_kv, kept_l + room, D)`` K/V,
+    nothing shared with any other row. ``logits (V,)`` float32 give the first new token. Prefill-only
+    state (collated pixels, statistics, the prompt's tensors) is not kept here.
+    """
+
+    cache: RaggedKVCache
+    logits: torch.Tensor
+    next_position: int  # logical position of the first generated token
+    outcome: CompressionOutcome
+    method: str
+    budget: float | int
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    prefill_s: float
+    compress_s: float
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -140,15 +168,50 @@ class Engine:
 
     def generate(self, requests: Sequence[Request | PreparedRequest], *,
                  compression: CompressionConfig | None = None, max_new_tokens: int | None = None) -> list[Result]:
+        """Run ``requests`` to completion through a `Scheduler` (continuous batching, at most
+        ``max_batch_size`` rows at once). Results come in request order; if a request failed inside
+        the engine, its batch-mates still finish and then its exception is raised."""
         results: list[Result | None] = [None] * len(requests)
+        error: BaseException | None = None
         for event in self.stream(requests, compression=compression, max_new_tokens=max_new_tokens):
+            if event.result is not None:
+                results[event.index] = event.result
+            elif event.error is not None and error is None:
+                error = event.error
+        if error is not None:
+            raise error
+        return [r for r in results if r is not None]
+
+    def stream(self, requests: Sequence[Request | PreparedRequest], *,
+               compression: CompressionConfig | None = None, max_new_tokens: int | None = None,
+               **scheduler_kwargs) -> Iterator[StreamEvent]:
+        """Like `generate`, but yields text as it is produced: token deltas, then one last event per
+        request with its ``result`` (or its ``error``). ``scheduler_kwargs`` go to `Scheduler`
+        (``max_num_seqs`` defaults to ``max_batch_size``). Invalid requests raise before any runs."""
+        from .scheduler import Scheduler, generate_all
+
+        if not requests:
+            return
+        scheduler_kwargs.setdefault("max_num_seqs", self.max_batch_size)
+        sched = Scheduler(self, default_compression=compression or CompressionConfig(method="full"), **scheduler_kwargs)
+        prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r, max_new_tokens=max_new_tokens)
+                    for r in requests]
+        yield from generate_all(sched, prepared, max_new_tokens=max_new_tokens)
+
+    def generate_static(self, requests: Sequence[Request | PreparedRequest], *,
+                        compression: CompressionConfig | None = None, max_new_tokens: int | None = None) -> list[Result]:
+        """The static padded-batch path (`stream_static`), kept as the baseline and reference."""
+        results: list[Result | None] = [None] * len(requests)
+        for event in self.stream_static(requests, compression=compression, max_new_tokens=max_new_tokens):
             if event.result is not None:
                 results[event.index] = event.result
         return [r for r in results if r is not None]
 
-    def stream(self, requests: Sequence[Request | PreparedRequest], *,
-               compression: CompressionConfig | None = None, max_new_tokens: int | None = None) -> Iterator[StreamEvent]:
-        """Like `generate`, but yields text as it is produced (one event per new token per request)."""
+    def stream_static(self, requests: Sequence[Request | PreparedRequest], *,
+                      compression: CompressionConfig | None = None, max_new_tokens: int | None = None) -> Iterator[StreamEvent]:
+        """Static batching: chunks of ``max_batch_size`` requests, each prefilled together into one
+        padded `RaggedKVCache` (a layer's block is sized by the batch's longest row) and decoded until
+        its slowest row ends. The baseline the scheduler is measured against; prefer `stream`."""
         if not requests:
             return
         prepared = [
@@ -307,6 +370,64 @@ class Engine:
             )
             result = Result(item.request.request_id, text, list(generated[b]), finish[b] or "length", tele)
             yield StreamEvent(b, item.request.request_id, "", None, result)
+
+    # ---- the scheduler's two model operations ------------------------------------------------------
+    @torch.inference_mode()
+    def prefill_row(self, prepared: PreparedRequest, default: CompressionConfig | None = None) -> RowState:
+        """Prefill one request alone into its own cache, compress it, feed any deferred query tokens,
+        and return the row ready to decode. The collated pixels and the statistics are dropped before
+        this returns (only the compressed cache and the first logits survive)."""
+        dev, adapter, dims = self.device, self.adapter, self.dims
+        p, gen = prepared.prompt, prepared.generation
+        comp = prepared.request.compression or default or CompressionConfig(method="full")
+        method = build_method(comp)
+        positions, next_pos = adapter.positions(self.model, p)
+        n_ctx = p.n_context
+        n_query = p.length - n_ctx
+        reserve = gen.max_new_tokens + n_query
+        vision = adapter.collate_vision([p], dev)
+        plan, variant = method.row_plan(p.modality[:n_ctx], n_ctx)
+        stats = PrefillStats([plan], dims.n_layers, self.stats_chunk_bytes) if plan.any else None
+        cache = RaggedKVCache(dims.n_layers, 1, reserve=reserve)
+        t0 = time.perf_counter()
+        hidden = self.forward(cache, "prefill", p.input_ids[None, :n_ctx], positions[:, None, :n_ctx], [n_ctx],
+                              vision=vision, modality=p.modality[None, :n_ctx].to(torch.int32), stats=stats)
+        del vision
+        logits = hf_glue.lm_head(self.model)(hidden[0, n_ctx - 1]).float()
+        del hidden
+        synchronize(dev)
+        t1 = time.perf_counter()
+        kv_full = cache.row_bytes(0)
+        if method.scorer is not None:
+            outcome = compress_cache(cache, stats, [method], [p.modality[:n_ctx]], [n_ctx], [variant], reserve=reserve)[0]
+        else:
+            outcome = CompressionOutcome(cache.layer_lengths(0), None, None)
+        del stats
+        synchronize(dev)
+        t2 = time.perf_counter()
+        kv_kept = cache.row_bytes(0)
+        if n_query:
+            hidden = self.forward(cache, "extend", p.input_ids[None, n_ctx:], positions[:, None, n_ctx:], [n_query])
+            logits = hf_glue.lm_head(self.model)(hidden[0, n_query - 1]).float()
+            del hidden
+        return RowState(cache, logits, int(next_pos), outcome, method.name,
+                        comp.budget if method.scorer is not None else 1.0, kv_full, kv_kept, t1 - t0, t2 - t1)
+
+    @torch.inference_mode()
+    def decode_rows(self, caches: Sequence[RaggedKVCache], token_ids: Sequence[int],
+                    positions: Sequence[int]) -> torch.Tensor:
+        """One decode step over rows that own their caches (`RowBatchCache`): feed ``token_ids[b]`` at
+        logical position ``positions[b]`` to row ``b``; return logits ``(B, vocab)`` float32. If the
+        forward raises, every row's cache is rolled back to its length before the step."""
+        before = [snapshot_lengths(c) for c in caches]
+        try:
+            ids = torch.tensor(list(token_ids), dtype=torch.long)
+            pos = torch.tensor(list(positions), dtype=torch.long)
+            return self.decode_step(RowBatchCache(list(caches)), ids, pos)
+        except BaseException:
+            for c, n in zip(caches, before):
+                restore_lengths(c, n)
+            raise
 
     def forward(self, cache: RaggedKVCache, phase: str, input_ids: torch.Tensor, positions: torch.Tensor,
                 new_lengths: list[int], *, vision: dict[str, torch.Tensor] | None = None,

@@ -118,18 +118,24 @@ class Telemetry:
     kv_bytes_full: int  # this request's prompt KV after prefill (all layers, K+V)
     kv_bytes_kept: int  # this request's prompt KV after compression
     kv_keep_ratio: float  # kv_bytes_kept / kv_bytes_full, as achieved
-    kv_bytes_allocated: int  # bytes of the batch's cache buffers (padding and decode room included)
+    kv_bytes_allocated: int  # storage bytes this request's cache held (its decode room included; no other row's)
     layer_budgets: list[int]  # prompt tokens kept per layer
     layer_entropies: list[float] | None  # per layer, for entropy-based methods
-    prefill_s: float  # batch prefill time (shared by the batch)
-    compress_s: float  # batch compression time
-    decode_s: float  # batch decode time
-    decode_tokens_per_s: float  # this request's generated tokens / decode_s
-    peak_mem_bytes: int
+    prefill_s: float  # this request's prefill time
+    compress_s: float  # this request's compression time
+    decode_s: float  # summed time of the decode steps this request's row ran in
+    decode_tokens_per_s: float  # 1 / time_per_output_token_s
+    peak_mem_bytes: int  # device peak (CUDA) or process RSS high-water mark while the engine ran it
     peak_mem_kind: str  # "cuda_max_allocated" or "rss_hwm"
-    batch_size: int
+    batch_size: int  # most rows decoding together while this request ran
     device: str
     dtype: str
+    queue_wait_s: float = 0.0  # submitted -> admitted (its prefill began)
+    time_to_first_token_s: float = 0.0  # submitted -> first token sampled
+    time_per_output_token_s: float = 0.0  # decode_s / decode steps this row ran (tokens after the first)
+    e2e_s: float = 0.0  # submitted -> finished
+    kv_bytes_held: int = 0  # storage bytes of this row's cache while it decoded (measured, = allocated)
+    preemptions: int = 0  # times this request was preempted (the scheduler reserves decode room: 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
