@@ -12,38 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-from .config import METHODS, CompressionConfig, ConfigError, GenerationConfig, parse_budget
-
-
-def add_compression_args(p: argparse.ArgumentParser) -> None:
-    """The compression flags, shared by every command that runs the engine."""
-    g = p.add_argument_group("KV-cache compression")
-    g.add_argument("--method", default="meda", choices=METHODS, help="compression method (default: meda)")
-    g.add_argument("--budget", default="0.2", type=parse_budget,
-                   help="mean fraction of prompt KV kept per layer in (0, 1], or a token count > 1 (default 0.2)")
-    g.add_argument("--entropy", default="paper", choices=("paper", "code"), help="MEDA's layer statistic")
-    g.add_argument("--window", type=int, default=16, help="recent prompt tokens always kept")
-    g.add_argument("--merge", default=None, choices=("none", "average", "pivot", "weighted"),
-                   help="merge evicted KV into kept ones (default: the method's own)")
-    g.add_argument("--merge-keys", action="store_true", help="also merge keys (default: values only)")
-    g.add_argument("--keep-all-text", action="store_true", help="keep every text token outside the budget")
-    g.add_argument("--temperature-entropy", type=float, default=1.0, dest="entropy_temperature",
-                   help="softmax temperature over layer entropies (MEDA)")
-
-
-def compression_from_args(args: argparse.Namespace) -> CompressionConfig:
-    return CompressionConfig(
-        method=args.method, budget=args.budget, entropy=args.entropy, window=args.window, merge=args.merge,
-        merge_keys=args.merge_keys, keep_all_text=args.keep_all_text, temperature=args.entropy_temperature,
-    )
+from .cli_args import add_compression_args, compression_from_args
+from .config import ConfigError, GenerationConfig
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model, required=default_model is None,
-                   help="hub id, local checkpoint directory, s3:// prefix, or a GGUF checkpoint: a .gguf file, "
-                        "a directory holding one, or owner/repo/name.gguf on the hub")
-    g.add_argument("--gguf-file", default=None, help="the .gguf file to load inside --model (a directory or hub id)")
+                   help="hub id, local checkpoint directory or s3:// prefix")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
     g.add_argument("--max-pixels-per-frame", type=int, default=None, help="cap on pixels per video frame")
@@ -86,14 +62,14 @@ def run_generate(args: argparse.Namespace) -> int:
         video = Video(decoded.frames, decoded.fps_sampled)
     images = [decode_image(Path(p)) for p in args.image]
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    max_pixels_per_frame=args.max_pixels_per_frame, gguf_file=args.gguf_file)
+                                    max_pixels_per_frame=args.max_pixels_per_frame)
     request = Request(prompt=args.prompt, video=video, images=images, generation=generation,
                       query_after_compression=args.query_after_compression,
                       answer_from_compressed_cache=args.answer_from_compressed_cache)
     result = engine.generate([request], compression=compression)[0]
     if args.json:
         print(json.dumps({"text": result.text, "finish_reason": result.finish_reason,
-                          "telemetry": result.telemetry.to_dict(), "model": engine.model_info}))
+                          "telemetry": result.telemetry.to_dict()}))
     else:
         t = result.telemetry
         print(result.text)

@@ -34,17 +34,78 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _typename(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> int | None:
+    """A strict integer: rejects bools and floats (``3.0`` too: a setting that counts things is a whole
+    number, and a float there is a client bug worth reporting)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r} ({_typename(value)})")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value: Any) -> float:
+    """A finite real number; ints are accepted (JSON encoders send ``1.0`` as ``1``), bools are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r} ({_typename(value)})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def check_bool(name: str, value: Any, *, optional: bool = False) -> bool | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r} ({_typename(value)})")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...], *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def check_budget(value: Any, *, name: str = "budget") -> float:
+    """The budget is a fraction in (0, 1] everywhere (Python, CLI, HTTP JSON, job configs); an integer
+    ``1`` means ``1.0``. An absolute token count is a different setting: ``budget_tokens``."""
+    b = check_float(name, value)
+    if not (0.0 < b <= 1.0):
+        raise ConfigError(
+            f"{name} must be a fraction in (0, 1] (the mean share of the prompt's KV kept per layer), got {value!r}; "
+            f"for an absolute number of tokens per layer use budget_tokens (CLI: --budget-tokens)"
+        )
+    return b
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """How a request's prompt KV cache is compressed once, right after prefill.
+
+    Every field is validated and normalised here, once, for every entry point (Python, the CLI, HTTP
+    JSON, job configs): wrong types (``window=1.5``, ``merge_keys="yes"``), out-of-range values and,
+    through `from_dict`, unknown keys raise `ConfigError` naming the field.
 
     Parameters
     ----------
     method:
         One of ``full, streamingllm, h2o, snapkv, pyramidkv, lookm, meda``.
     budget:
-        Mean fraction of the prompt's KV entries kept per layer, ``0 < budget <= 1`` (a float), or
-        an absolute mean number of prompt tokens kept per layer (an int >= 1). ``full`` ignores it.
+        Mean fraction of the prompt's KV entries kept per layer, ``0 < budget <= 1``. An integer ``1``
+        is ``1.0`` (it is never a token count). ``full`` ignores it.
+    budget_tokens:
+        If set (an integer >= 1), the absolute mean number of prompt tokens kept per layer; it
+        overrides ``budget`` (capped at the prompt length).
     window:
         Recent prompt tokens that are always kept (inside the budget, at most half of a layer's
         budget), and the observation window of the window scorers (SnapKV, PyramidKV).
@@ -53,7 +114,8 @@ class CompressionConfig:
     entropy:
         MEDA's layer statistic: ``paper`` = cross-modal entropy (text->visual and visual->text
         attention, each renormalised over the other modality); ``code`` = mean row entropy of the
-        full causal self-attention, as the released code computes it.
+        causal self-attention (over the ``score_queries`` rows, as the accumulated scores), as the
+        released code computes it.
     temperature:
         Softmax temperature over layer entropies (MEDA uses 1).
     min_layer_ratio, max_layer_ratio:
@@ -74,9 +136,10 @@ class CompressionConfig:
         visual into visual), so visual content is not averaged into the question's tokens.
     score_queries:
         Accumulated-attention scores (H2O, LOOK-M, MEDA) and MEDA's ``code`` entropy sum over the
-        prompt's query rows; for long prompts an evenly spaced subset of at most this many rows
-        (always including the last) is used, because the exact all-row sum costs about as much
-        again as the attention itself. 0 = every row (exact, as the paper writes it).
+        prompt's query rows; for long prompts an evenly spaced subset of the rows (stride
+        ``ceil(L / score_queries)``, always including the last, so between ``score_queries / 2`` and
+        ``score_queries`` rows) is used, because the exact all-row sum costs about as much again as
+        the attention itself. 0 = every row (exact, as the paper writes it).
     pool_kernel:
         Average-pool width applied to window scores (SnapKV, PyramidKV).
     pyramid_beta:
@@ -84,7 +147,8 @@ class CompressionConfig:
     """
 
     method: str = "meda"
-    budget: float | int = 0.2
+    budget: float = 0.2
+    budget_tokens: int | None = None
     window: int = 16
     sink: int = 4
     entropy: str = "paper"
@@ -101,36 +165,35 @@ class CompressionConfig:
     pyramid_beta: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ConfigError(f"unknown compression method {self.method!r}; choose one of {', '.join(METHODS)}")
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise ConfigError(f"budget must be a number, got {b!r}")
-        if isinstance(b, float):
-            if not math.isfinite(b) or not (0.0 < b <= 1.0):
-                raise ConfigError(
-                    f"budget {b!r} is outside (0, 1]; pass a fraction in (0, 1] or an integer token count >= 1"
-                )
-        elif b < 1:
-            raise ConfigError(f"budget {b!r} as a token count must be >= 1")
-        if self.window < 0:
-            raise ConfigError(f"window must be >= 0, got {self.window}")
-        if self.sink < 0:
-            raise ConfigError(f"sink must be >= 0, got {self.sink}")
-        if self.entropy not in ENTROPY_VARIANTS:
-            raise ConfigError(f"entropy must be one of {ENTROPY_VARIANTS}, got {self.entropy!r}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+        put("budget", check_budget(self.budget))
+        put("budget_tokens", check_int("budget_tokens", self.budget_tokens, minimum=1, optional=True))
+        put("window", check_int("window", self.window, minimum=0))
+        put("sink", check_int("sink", self.sink, minimum=0))
+        check_choice("entropy", self.entropy, ENTROPY_VARIANTS)
+        put("temperature", check_float("temperature", self.temperature))
+        if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        put("min_layer_ratio", check_float("min_layer_ratio", self.min_layer_ratio))
+        put("max_layer_ratio", check_float("max_layer_ratio", self.max_layer_ratio))
         if not (0.0 <= self.min_layer_ratio <= self.max_layer_ratio <= 1.0):
             raise ConfigError(
                 f"need 0 <= min_layer_ratio <= max_layer_ratio <= 1, got {self.min_layer_ratio}, {self.max_layer_ratio}"
             )
-        if self.merge is not None and self.merge not in MERGE_MODES:
-            raise ConfigError(f"merge must be one of {MERGE_MODES}, got {self.merge!r}")
-        if not isinstance(self.score_queries, int) or self.score_queries < 0:
-            raise ConfigError(f"score_queries must be an integer >= 0 (0 = all rows), got {self.score_queries!r}")
-        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+        check_bool("text_prior", self.text_prior, optional=True)
+        check_bool("keep_all_text", self.keep_all_text)
+        check_choice("merge", self.merge, MERGE_MODES, optional=True)
+        check_bool("merge_keys", self.merge_keys)
+        check_bool("merge_within_modality", self.merge_within_modality)
+        put("score_queries", check_int("score_queries", self.score_queries, minimum=0))
+        put("pool_kernel", check_int("pool_kernel", self.pool_kernel, minimum=1))
+        if self.pool_kernel % 2 == 0:
             raise ConfigError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
+        put("pyramid_beta", check_float("pyramid_beta", self.pyramid_beta))
         if self.pyramid_beta < 1:
             raise ConfigError(f"pyramid_beta must be >= 1, got {self.pyramid_beta}")
 
@@ -150,12 +213,13 @@ class CompressionConfig:
         return self.method == "full"
 
     def keep_fraction(self, prompt_len: int) -> float:
-        """The mean per-layer keep fraction this budget means for a prompt of ``prompt_len`` tokens."""
+        """The mean per-layer keep fraction this budget means for a prompt of ``prompt_len`` tokens:
+        ``budget``, or ``min(1, budget_tokens / prompt_len)`` when ``budget_tokens`` is set."""
         if self.is_full or prompt_len <= 0:
             return 1.0
-        if isinstance(self.budget, float):
-            return float(self.budget)
-        return min(1.0, self.budget / prompt_len)
+        if self.budget_tokens is not None:
+            return min(1.0, self.budget_tokens / prompt_len)
+        return self.budget
 
     def replace(self, **changes: Any) -> "CompressionConfig":
         return dataclasses.replace(self, **changes)
@@ -166,28 +230,50 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "CompressionConfig":
         """Build from a JSON-like mapping, rejecting unknown keys with a clear message."""
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"compression settings must be an object/mapping, got {_typename(data)}")
         data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in data if k not in names)
         if unknown:
-            raise ConfigError(f"unknown compression setting(s) {unknown}; known: {sorted(names)}")
+            raise ConfigError(f"unknown compression setting(s) {unknown}; known: {names}")
         return cls(**data)
 
 
-def parse_budget(text: str | float | int) -> float | int:
-    """CLI/JSON budget: a value <= 1 is a fraction, a larger whole number a token count."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
+def parse_budget(text: str | float | int) -> float:
+    """A CLI / query-string budget: a fraction in (0, 1]. ``"1"`` is ``1.0``; ``"1.5"`` or ``"64"`` are
+    errors that point at ``--budget-tokens`` (the absolute count has its own flag)."""
+    if isinstance(text, bool):
+        raise ConfigError(f"budget must be a number, got {text!r}")
+    if isinstance(text, (int, float)):
+        value: float = float(text)
     else:
         try:
-            value = float(str(text))
+            value = float(str(text).strip())
         except ValueError as e:
-            raise ConfigError(f"budget {text!r} is not a number") from e
-    if value <= 1.0:
-        return value
-    if value != int(value):
-        raise ConfigError(f"budget {text!r} > 1 must be a whole token count")
-    return int(value)
+            raise ConfigError(f"budget {text!r} is not a number; give a fraction in (0, 1], e.g. 0.2") from e
+    if not math.isfinite(value) or not (0.0 < value <= 1.0):
+        raise ConfigError(
+            f"budget must be a fraction in (0, 1] (the mean share of the prompt's KV kept per layer), got {text!r}; "
+            f"for an absolute number of tokens per layer use --budget-tokens N"
+        )
+    return value
+
+
+def parse_budget_tokens(text: str | int) -> int:
+    """A CLI ``--budget-tokens``: a whole number >= 1."""
+    if isinstance(text, bool):
+        raise ConfigError(f"budget_tokens must be a whole number >= 1, got {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        try:
+            value = int(str(text).strip())
+        except ValueError as e:
+            raise ConfigError(f"budget_tokens must be a whole number >= 1, got {text!r}") from e
+    if value < 1:
+        raise ConfigError(f"budget_tokens must be a whole number >= 1, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -201,14 +287,15 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        object.__setattr__(self, "temperature", check_float("temperature", self.temperature))
+        if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        object.__setattr__(self, "top_p", check_float("top_p", self.top_p))
         if not (0.0 < self.top_p <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-
+        check_int("seed", self.seed, optional=True)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))

@@ -164,7 +164,7 @@ def test_batched_equals_one_at_a_time(engines):
                 generation=GenerationConfig(max_new_tokens=12)),  # engine default: full
         Request(prompt=QUESTION, video=VIDEO, images=[IMAGE], video_fps=2.0,
                 compression=CompressionConfig("pyramidkv", budget=0.4), generation=GenerationConfig(max_new_tokens=9)),
-        Request(prompt=QUESTION, video=LONG_VIDEO, video_fps=2.0, compression=CompressionConfig("lookm", budget=24),
+        Request(prompt=QUESTION, video=LONG_VIDEO, video_fps=2.0, compression=CompressionConfig("lookm", budget_tokens=24),
                 generation=GenerationConfig(max_new_tokens=7)),
     ]
     batched = eng.generate(reqs)
