@@ -476,6 +476,89 @@ def decode_with_timeout(fn: Callable[..., T], timeout_s: float, *args: Any, **kw
     return result["value"]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Pixel budgets: what decoding may hold, counted before anything is decoded
+
+
+def image_decode_pixels(data: MediaInput, *, max_pixels: int | None = DEFAULT_IMAGE_MAX_PIXELS) -> int:
+    """Pixels `decode_image` will hold at its peak for this image: the source size after the decoder's own
+    downscaling (JPEG ``draft`` scales by 1/2..1/8 while decoding; PNG, WebP and the rest decode at full
+    size), read from the header only. Raises `MediaDecodeError` for what is not a readable image."""
+    from PIL import Image
+
+    source, head = _load(data)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            target = fit_within(*img.size, max_pixels)
+            if target != img.size:
+                img.draft("RGB", target)  # header-level: sets the decode scale, decodes nothing
+            width, height = img.size
+    except Exception as e:  # noqa: BLE001 - decode_image reports the precise reason; here: unreadable
+        raise MediaDecodeError(f"unreadable image header: {type(e).__name__}: {e}") from e
+    return width * height
+
+
+def video_decode_pixels(*, n_frames: int | None, fps: float | None, max_frames: int,
+                        max_pixels: int | None = DEFAULT_VIDEO_MAX_PIXELS) -> int:
+    """An upper bound on the pixels `decode_video` holds for one video with these settings (frames are
+    scaled by the decoder to at most ``max_pixels`` each, so the bound needs no header)."""
+    frames = max_frames if (fps is not None or n_frames is None) else min(n_frames, max_frames)
+    return frames * (max_pixels or DEFAULT_VIDEO_MAX_PIXELS)
+
+
+class PixelBudgetTimeout(MediaDecodeError):
+    """No room in the pixel budget before the timeout (the server is busy decoding other media)."""
+
+
+class PixelBudget:
+    """A process-wide bound on decoded pixels: callers reserve what they will decode before decoding it
+    and wait while others hold the room. Thread-safe; one instance per process (or per server).
+
+    ``peak`` is the largest amount ever reserved at once (never above ``limit``).
+    """
+
+    def __init__(self, limit: int):
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
+        self.limit = limit
+        self.in_use = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, pixels: int, timeout_s: float | None = None) -> None:
+        """Reserve ``pixels`` (all at once: no partial holds, so two callers cannot deadlock)."""
+        if pixels > self.limit:
+            raise ValueError(f"{pixels} pixels can never fit the budget of {self.limit}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self.in_use + pixels > self.limit:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise PixelBudgetTimeout(f"no room to decode {pixels} pixels within {timeout_s:g} s "
+                                             f"({self.in_use} of {self.limit} in use)")
+                self._cond.wait(left)
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+
+    def try_acquire(self, pixels: int) -> bool:
+        """Reserve ``pixels`` if they fit now; never waits (for asyncio callers, which poll)."""
+        if pixels > self.limit:
+            raise ValueError(f"{pixels} pixels can never fit the budget of {self.limit}")
+        with self._cond:
+            if self.in_use + pixels > self.limit:
+                return False
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+            return True
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            if pixels > self.in_use:
+                raise ValueError(f"releasing {pixels} pixels, but only {self.in_use} are reserved")
+            self.in_use -= pixels
+            self._cond.notify_all()
+
+
 __all__ = [
     "DEFAULT_IMAGE_MAX_PIXELS",
     "DEFAULT_IMAGE_SOURCE_PIXEL_LIMIT",
@@ -484,10 +567,14 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "DecodedVideo",
     "MediaDecodeError",
+    "PixelBudget",
+    "PixelBudgetTimeout",
     "decode_image",
     "decode_video",
     "decode_with_timeout",
     "fit_within",
+    "image_decode_pixels",
     "sample_indices",
     "sniff_kind",
+    "video_decode_pixels",
 ]

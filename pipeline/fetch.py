@@ -24,6 +24,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,14 +182,19 @@ def _fetch_object(url: str, policy: MediaPolicy) -> bytes:
 
 
 def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
+    """GET ``url`` under one deadline (``policy.timeout_s``) over connect, headers and the whole body:
+    a watchdog closes the socket when it passes, so a server that trickles bytes cannot hold a thread
+    longer than the timeout, however often it sends."""
+    deadline = time.monotonic() + policy.timeout_s
     parts = urlsplit(url)
     https = parts.scheme.lower() == "https"
     host = parts.hostname or ""
     port = parts.port or (443 if https else 80)
     address = resolve_host(host, port, allow_private=policy.allow_private_networks)
     conn_cls = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
-    conn = conn_cls(host, port, address=address, timeout=policy.timeout_s)
+    conn = conn_cls(host, port, address=address, timeout=max(deadline - time.monotonic(), 0.001))
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    watchdog = _Watchdog(conn, deadline)
     try:
         conn.request("GET", target, headers={"User-Agent": "meda-serve", "Accept": "*/*"})
         response = conn.getresponse()
@@ -199,17 +205,52 @@ def _fetch_http(url: str, policy: MediaPolicy) -> bytes:
         length = response.getheader("Content-Length")
         if length and length.isdigit():
             _check_size(int(length), policy.max_bytes)
-        return _read_bounded(response, policy.max_bytes, time.monotonic() + policy.timeout_s)
-    except (OSError, http.client.HTTPException) as e:
+        data = _read_bounded(response, policy.max_bytes, deadline)
+        if watchdog.fired:  # the socket was shut down under the read: what came is a fragment
+            raise TimeoutError("deadline")
+        if length and length.isdigit() and len(data) != int(length):
+            raise FetchError(f"{url} sent {len(data)} of the {length} bytes it announced")
+        return data
+    except MediaLoadError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        if watchdog.fired or time.monotonic() >= deadline:
+            raise FetchError(f"fetching {_short(url)} took longer than the fetch timeout of {policy.timeout_s:g} s "
+                             "(connect + whole body)") from None
         raise FetchError(f"cannot fetch {url}: {type(e).__name__}: {e}") from None
     finally:
+        watchdog.cancel()
         conn.close()
 
 
+class _Watchdog:
+    """Shuts the connection's socket down at ``deadline``: a blocked connect or read returns at once."""
+
+    def __init__(self, conn: http.client.HTTPConnection, deadline: float):
+        self.fired = False
+        self._conn = conn
+        self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def _read_bounded(response: http.client.HTTPResponse, limit: int, deadline: float) -> bytes:
-    # The socket timeout bounds each read; the deadline bounds a server that trickles bytes.
+    # read1 returns after one receive, so the deadline is checked as bytes arrive (the watchdog
+    # covers a receive that blocks).
     chunks, total = [], 0
-    while chunk := response.read(_CHUNK):
+    while chunk := response.read1(_CHUNK):
         total += len(chunk)
         _check_size(total, limit)
         if time.monotonic() > deadline:
@@ -246,9 +287,21 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 def load_image(url: str, policy: MediaPolicy, *, max_pixels: int | None = None,
                decode_timeout_s: float = 60.0) -> Image:
     """Fetch and decode one image."""
+    return decode_image_bytes(fetch(url, policy), url, max_pixels=max_pixels, decode_timeout_s=decode_timeout_s)
+
+
+def load_video(url: str, policy: MediaPolicy, *, frames: int | None, fps: float | None, max_frames: int,
+               max_pixels: int | None = None, decode_timeout_s: float = 60.0) -> Video:
+    """Fetch one video and sample ``frames`` evenly spaced frames, or frames at ``fps`` (at most
+    ``max_frames``)."""
+    return decode_video_bytes(fetch(url, policy), url, frames=frames, fps=fps, max_frames=max_frames,
+                              max_pixels=max_pixels, decode_timeout_s=decode_timeout_s)
+
+
+def decode_image_bytes(data: bytes, url: str, *, max_pixels: int | None = None,
+                       decode_timeout_s: float = 60.0) -> Image:
     from meda_engine import media
 
-    data = fetch(url, policy)
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
     try:
         return Image(media.decode_with_timeout(media.decode_image, decode_timeout_s, data, **kwargs))
@@ -256,13 +309,10 @@ def load_image(url: str, policy: MediaPolicy, *, max_pixels: int | None = None,
         raise DecodeError(f"could not decode image {_short(url)}: {e}") from None
 
 
-def load_video(url: str, policy: MediaPolicy, *, frames: int | None, fps: float | None, max_frames: int,
-               max_pixels: int | None = None, decode_timeout_s: float = 60.0) -> Video:
-    """Fetch one video and sample ``frames`` evenly spaced frames, or frames at ``fps`` (at most
-    ``max_frames``)."""
+def decode_video_bytes(data: bytes, url: str, *, frames: int | None, fps: float | None, max_frames: int,
+                       max_pixels: int | None = None, decode_timeout_s: float = 60.0) -> Video:
     from meda_engine import media
 
-    data = fetch(url, policy)
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
     try:
         decoded = media.decode_with_timeout(media.decode_video, decode_timeout_s, data, n_frames=frames, fps=fps,
@@ -270,6 +320,139 @@ def load_video(url: str, policy: MediaPolicy, *, frames: int | None, fps: float 
     except media.MediaDecodeError as e:  # corrupt, not media, too large, or timed out
         raise DecodeError(f"could not decode video {_short(url)}: {e}") from None
     return Video(decoded.frames, fps=float(decoded.fps_sampled) if decoded.fps_sampled else None)
+
+
+# ---------------------------------------------------------------------------------------- one request's media
+class TooManyPixelsError(MediaLoadError):
+    status = 413
+    code = "too_many_pixels"
+
+
+class ServerBusyError(MediaLoadError):
+    status = 503
+    code = "server_busy"
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """One media part of a request: ``kind`` is "image" or "video"."""
+
+    kind: str
+    url: str
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    frames: int | None
+    fps: float | None
+    max_frames: int
+
+
+class MediaLoader:
+    """Loads a request's media within bounds, in this order:
+
+    1. check every URL against the policy (nothing is fetched if one is refused);
+    2. fetch all of them concurrently (``fetch_threads``), each under one deadline;
+    3. count the pixels decoding will hold, from the headers (`meda_engine.media.image_decode_pixels`;
+       videos by their frame plan), and refuse a request above ``max_request_pixels`` (413);
+    4. reserve that many pixels at once in the process-wide `PixelBudget` (``max_pixels_in_flight``),
+       waiting up to ``wait_s`` for room (else 503), and decode with at most ``decode_concurrency``
+       decodes running at once. The reservation is held until the caller leaves the `load` context.
+    """
+
+    def __init__(self, policy: MediaPolicy, *, max_pixels: int | None, max_request_pixels: int,
+                 max_pixels_in_flight: int, decode_concurrency: int, fetch_threads: int, decode_timeout_s: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from meda_engine import media
+
+        self.policy = policy
+        self.max_pixels = max_pixels
+        self.max_request_pixels = max_request_pixels
+        self.decode_timeout_s = decode_timeout_s
+        self.budget = media.PixelBudget(max_pixels_in_flight)
+        self._fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="meda-fetch")
+        self._decode_pool = ThreadPoolExecutor(decode_concurrency, thread_name_prefix="meda-decode")
+
+    def check(self, items: list[MediaItem]) -> None:
+        for item in items:
+            check_url(item.url, self.policy)
+
+    def pixels(self, item: MediaItem, data: bytes, video: VideoPlan) -> int:
+        from meda_engine import media
+
+        if item.kind == "video":
+            return media.video_decode_pixels(n_frames=video.frames, fps=video.fps, max_frames=video.max_frames,
+                                             max_pixels=self.max_pixels)
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        try:
+            return media.image_decode_pixels(data, **kwargs)
+        except media.MediaDecodeError as e:
+            raise DecodeError(f"could not decode image {_short(item.url)}: {e}") from None
+
+    def _decode(self, item: MediaItem, data: bytes, video: VideoPlan) -> Image | Video:
+        if item.kind == "image":
+            return decode_image_bytes(data, item.url, max_pixels=self.max_pixels,
+                                      decode_timeout_s=self.decode_timeout_s)
+        return decode_video_bytes(data, item.url, frames=video.frames, fps=video.fps, max_frames=video.max_frames,
+                                  max_pixels=self.max_pixels, decode_timeout_s=self.decode_timeout_s)
+
+    def load(self, items: list[MediaItem], video: VideoPlan, *, wait_s: float | None = None) -> "_Loading":
+        """``async with loader.load(items, video) as media:`` the decoded `Image`/`Video` list."""
+        return _Loading(self, items, video, self.decode_timeout_s if wait_s is None else wait_s)
+
+
+class _Loading:
+    def __init__(self, loader: MediaLoader, items: list[MediaItem], video: VideoPlan, wait_s: float):
+        self.loader, self.items, self.video, self.wait_s = loader, items, video, wait_s
+        self.reserved = 0
+
+    async def __aenter__(self) -> list[Image | Video]:
+        import asyncio
+
+        ld = self.loader
+        ld.check(self.items)
+        if not self.items:
+            return []
+        loop = asyncio.get_running_loop()
+        datas = await asyncio.gather(*[loop.run_in_executor(ld._fetch_pool, fetch, it.url, ld.policy)
+                                       for it in self.items])
+        counts = await asyncio.gather(*[loop.run_in_executor(ld._fetch_pool, ld.pixels, it, d, self.video)
+                                        for it, d in zip(self.items, datas)])
+        total = sum(counts)
+        if total > ld.max_request_pixels:
+            raise TooManyPixelsError(f"decoding this request's media needs {total} pixels; this server decodes at "
+                                     f"most {ld.max_request_pixels} per request (send fewer or smaller images, "
+                                     "or JPEGs, which decode downscaled)")
+        await self._reserve(total)
+        jobs = [loop.run_in_executor(ld._decode_pool, ld._decode, it, d, self.video) for it, d in zip(self.items, datas)]
+        del datas
+        try:
+            return list(await asyncio.gather(*jobs))
+        except BaseException:
+            await asyncio.gather(*jobs, return_exceptions=True)  # no decode keeps running outside the budget
+            self._release()
+            raise
+
+    async def _reserve(self, pixels: int) -> None:
+        import asyncio
+
+        deadline = time.monotonic() + self.wait_s
+        budget = self.loader.budget
+        while not budget.try_acquire(pixels):
+            if time.monotonic() > deadline:
+                raise ServerBusyError(f"the server is busy decoding other media ({budget.in_use} of {budget.limit} "
+                                      f"pixels in use); retry later")
+            await asyncio.sleep(0.02)
+        self.reserved = pixels
+
+    def _release(self) -> None:
+        if self.reserved:
+            self.loader.budget.release(self.reserved)
+            self.reserved = 0
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._release()
 
 
 def _short(url: str, n: int = 80) -> str:

@@ -32,7 +32,8 @@ class APIError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.code = code
+        # every error names a code clients can branch on
+        self.code = code or ("internal_error" if status >= 500 else "invalid_request")
         self.param = param
 
     def body(self) -> dict[str, Any]:
@@ -43,8 +44,9 @@ class APIError(Exception):
 # ---------------------------------------------------------------------------------------- request schema
 class _Strict(BaseModel):
     # Unknown fields are refused (422) rather than silently ignored: a misspelt option must not
-    # quietly fall back to a server default.
-    model_config = ConfigDict(extra="forbid")
+    # quietly fall back to a server default. Strict types: "yes" is not a boolean, 4.0 and "4" are
+    # not integers, true is not a number (an integer is still accepted where a float is expected).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -95,12 +97,12 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.Generator's range
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # the engine answers with one choice
     user: str | None = None
-    kv_compression: dict[str, Any] | None = None  # any CompressionConfig field
+    kv_compression: dict[str, Any] | None = None  # any CompressionConfig field, validated by CompressionConfig
     video: VideoOptions | None = None
 
 
@@ -225,14 +227,16 @@ def _check_count(kind: str, n: int, limit: int) -> None:
 
 def _generation(req: ChatCompletionRequest, limits: Limits) -> GenerationConfig:
     if req.max_tokens is not None and req.max_completion_tokens is not None:
-        raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both", code="invalid_request",
+                       param="max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}",
                        code="max_tokens_too_large", param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > limits.max_stop:
-        raise APIError(400, f"at most {limits.max_stop} stop sequences, got {len(stop)}", param="stop")
+        raise APIError(400, f"at most {limits.max_stop} stop sequences, got {len(stop)}", code="too_many_stop",
+                       param="stop")
     temperature = limits.default_temperature if req.temperature is None else req.temperature
     return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature,
                             top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(s for s in stop if s),
@@ -251,17 +255,20 @@ def merge_compression(default: CompressionConfig, overrides: dict[str, Any] | No
     base = default.to_dict()
     if "method" in overrides and overrides["method"] != default.method:
         base.update(text_prior=None, merge=None)
+    if "budget" in overrides and "budget_tokens" not in overrides:
+        base["budget_tokens"] = None  # a fraction asked for replaces the server's token count
     try:
         return CompressionConfig.from_dict({**base, **overrides})
-    except TypeError as e:  # a value of the wrong type reaching a comparison in validation
-        raise ConfigError(f"invalid kv_compression: {e}") from None
+    except ConfigError as e:  # every wrong type or range, per field (CompressionConfig is strict)
+        raise APIError(400, f"invalid kv_compression: {e}", code="invalid_kv_compression",
+                       param="kv_compression") from None
 
 
 def _video_sampling(opts: VideoOptions | None, limits: Limits) -> VideoSampling:
     frames = opts.frames if opts else None
     fps = opts.fps if opts else None
     if frames is not None and fps is not None:
-        raise APIError(400, "video: give frames or fps, not both", param="video")
+        raise APIError(400, "video: give frames or fps, not both", code="invalid_request", param="video")
     if frames is not None and frames > limits.max_video_frames:
         raise APIError(400, f"video.frames {frames} exceeds this server's limit of {limits.max_video_frames}",
                        code="too_many_frames", param="video")

@@ -316,3 +316,102 @@ def test_http_fetch_limits_and_errors(http_server):
         fetch(f"{http_server}/redirect", allowed)
     with pytest.raises(FetchError, match="404"):
         fetch(f"{http_server}/missing", allowed)
+
+
+# ---------------------------------------------------------------------------------------- every field, strictly
+# Each field of the chat request and of kv_compression, with a wrong type and out-of-range values:
+# every one must be refused with a 4xx and a non-null code by parsing/planning alone (before any
+# media is fetched or a batch is formed). Issue 14 item 1: floats for window / sink / pool_kernel
+# used to pass and then raise inside the engine's batch loop.
+CHAT_FIELD_CASES = {
+    "model": [3, None, ["m"]],
+    "messages": [[], "hi", [{"role": "robot", "content": "hi"}], [{"role": "user"}],
+                 [{"role": "user", "content": 3}], [{"role": "user", "content": [{"type": "audio"}]}],
+                 [{"role": "user", "content": [{"type": "text", "text": 3}]}],
+                 [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}],
+                 [{"role": "user", "content": [{"type": "image_url", "image_url": "data:x"}]}],
+                 [{"role": "user", "content": "hi", "name": 5}]],
+    "max_tokens": ["4", 4.0, 4.5, True, 0, -1, 65],
+    "max_completion_tokens": ["4", 2.5, False, 0, 65],
+    "temperature": ["0", True, -0.1, 2.5, [0]],
+    "top_p": ["1", True, 0, 1.5, -1],
+    "stop": [3, [3], {"a": 1}, ["a", "b", "c", "d", "e"]],
+    "seed": ["1", 1.5, True, 2**64, -(2**63) - 1],
+    "stream": ["yes", 1, "true", None],
+    "stream_options": ["yes", {"include_usage": "yes"}, {"include_usage": 1}, {"extra": True}],
+    "n": [2, 0, "1", 1.0],
+    "user": [3, ["u"]],
+    "kv_compression": ["meda", ["meda"], 3],
+    "video": [{"frames": 1.5}, {"frames": "4"}, {"frames": 0}, {"frames": 33}, {"fps": 0}, {"fps": "1"},
+              {"fps": float("inf")}, {"frames": 4, "fps": 1.0}, {"frame": 4}, 3],
+}
+COMPRESSION_FIELD_CASES = {
+    "method": [3, None, "nope", True],
+    "budget": ["0.2", True, 0, 0.0, -0.5, 1.5, 64, float("nan"), None],
+    "budget_tokens": [1.5, 64.0, "64", True, 0, -3],
+    "window": [1.5, 3.0, "16", True, -1, None],
+    "sink": [2.5, "4", False, -1],
+    "entropy": [1, "both", None],
+    "temperature": ["1", True, 0, -1.0, float("inf")],
+    "min_layer_ratio": ["0", True, -0.1, 1.5],
+    "max_layer_ratio": ["1", False, -0.5, 1.01],
+    "text_prior": ["yes", 1, "true"],
+    "keep_all_text": ["yes", 0, None],
+    "merge": [1, "sum", True],
+    "merge_keys": ["no", 1, None],
+    "merge_within_modality": ["yes", 0],
+    "score_queries": [1.5, "512", True, -1],
+    "pool_kernel": [3.0, 2.5, "5", True, 0, 4, -3],
+    "pyramid_beta": ["20", True, 0.5, -1, float("nan")],
+}
+
+
+def _cases(table):
+    return [(f, v) for f, values in table.items() for v in values]
+
+
+def test_the_suites_cover_every_field():
+    import dataclasses
+
+    from pipeline.openai_api import ChatCompletionRequest
+
+    assert set(CHAT_FIELD_CASES) == set(ChatCompletionRequest.model_fields)
+    assert set(COMPRESSION_FIELD_CASES) == {f.name for f in dataclasses.fields(CompressionConfig)}
+
+
+def _refusal(payload: bytes) -> APIError:
+    with pytest.raises(APIError) as info:
+        plan_chat(parse_chat_request(payload), LIMITS, DEFAULT)
+    return info.value
+
+
+@pytest.mark.parametrize(("field", "value"), _cases(CHAT_FIELD_CASES), ids=repr)
+def test_every_bad_chat_field_is_a_4xx_with_a_code(field, value):
+    data = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
+    err = _refusal(json.dumps(data).encode())
+    assert 400 <= err.status < 500 and err.code, (field, value, err.status, err.code)
+    assert err.body()["error"]["code"] == err.code
+
+
+@pytest.mark.parametrize(("field", "value"), _cases(COMPRESSION_FIELD_CASES), ids=repr)
+def test_every_bad_kv_compression_field_is_a_400(field, value):
+    err = _refusal(body(kv_compression={field: value}))
+    assert err.status == 400 and err.code == "invalid_kv_compression" and err.param == "kv_compression"
+    assert field in err.message, err.message
+
+
+def test_kv_compression_well_typed_values_pass():
+    p = plan(kv_compression={"method": "snapkv", "budget": 1, "window": 8, "pool_kernel": 3, "text_prior": True,
+                             "temperature": 2})
+    assert (p.compression.method, p.compression.budget, p.compression.window) == ("snapkv", 1.0, 8)
+    tokens = plan(kv_compression={"budget_tokens": 64}).compression
+    assert tokens.budget_tokens == 64
+    # a fraction asked for replaces a server default given as a token count
+    server = CompressionConfig(method="meda", budget_tokens=128)
+    merged = plan_chat(parse_chat_request(body(kv_compression={"budget": 0.3})), LIMITS, server).compression
+    assert (merged.budget, merged.budget_tokens) == (0.3, None)
+
+
+def test_strict_booleans_at_the_top_level():
+    assert _refusal(body(stream="yes")).status == 422
+    assert plan(stream=True).stream is True

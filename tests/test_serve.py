@@ -72,7 +72,7 @@ def settings(checkpoint: Path, s3_endpoint: str) -> dict:
     return {
         "model": str(checkpoint), "served_model_name": NAME, "device": "cpu", "dtype": "float32", "torch_threads": 1,
         "method": "meda", "budget": 0.5,
-        "max_batch_size": 16, "batch_wait_timeout_s": 0.1, "num_cpus": 1, "ingress_num_cpus": 1,
+        "max_num_seqs": 16, "num_cpus": 1, "ingress_num_cpus": 1,
         "ingress_max_replicas": 1,
         "default_max_tokens": 8, "max_tokens": 64, "max_images": 2, "default_video_frames": 4, "max_video_frames": 8,
         "max_body_bytes": 256 * 1024, "max_prompt_tokens": 300,
@@ -177,8 +177,8 @@ def test_streaming_matches_unary(server, client):
 
 def test_concurrent_requests_with_different_settings(client):
     methods = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "lookm", "meda"]
-    budgets = [0.3, 0.5, 0.8, 6]
-    jobs = [({"method": methods[i % len(methods)], "budget": budgets[i % len(budgets)]}, QUESTIONS[i % 3])
+    budgets = [{"budget": 0.3}, {"budget": 0.5}, {"budget": 0.8}, {"budget_tokens": 6}]
+    jobs = [({"method": methods[i % len(methods)], **budgets[i % len(budgets)]}, QUESTIONS[i % 3])
             for i in range(16)]
 
     def run(job):
@@ -191,7 +191,7 @@ def test_concurrent_requests_with_different_settings(client):
     for (comp, _), a, b in zip(jobs, together, alone, strict=True):
         assert a.choices[0].message.content == b.choices[0].message.content
         assert a.model_extra["meda"]["method"] == comp["method"]
-        if comp["method"] != "full":
+        if comp["method"] != "full" and "budget" in comp:
             assert a.model_extra["meda"]["budget"] == comp["budget"]
     assert max(r.model_extra["meda"]["batch_size"] for r in together) > 1  # they were batched
     assert all(r.model_extra["meda"]["batch_size"] == 1 for r in alone)
@@ -210,8 +210,17 @@ BAD_REQUESTS = {
     "malformed json": (b'{"model": "x", "messages": [', 400, "invalid_json"),
     "unknown field": (chat(logit_bias={"1": 2}), 422, "invalid_request"),
     "wrong type": (chat(max_tokens="four"), 422, "invalid_request"),
-    "unknown compression key": (chat(kv_compression={"method": "meda", "budgett": 0.2}), 400, "invalid_request"),
-    "bad budget": (chat(kv_compression={"budget": 7.5}), 400, "invalid_request"),
+    "unknown compression key": (chat(kv_compression={"method": "meda", "budgett": 0.2}), 400,
+                                "invalid_kv_compression"),
+    "bad budget": (chat(kv_compression={"budget": 7.5}), 400, "invalid_kv_compression"),
+    # issue 14 item 1: these passed validation and then raised inside the engine's batch loop
+    "float window": (chat(kv_compression={"window": 1.5}), 400, "invalid_kv_compression"),
+    "float sink": (chat(kv_compression={"method": "streamingllm", "sink": 2.5}), 400, "invalid_kv_compression"),
+    "float pool_kernel": (chat(kv_compression={"method": "snapkv", "pool_kernel": 3.0}), 400,
+                          "invalid_kv_compression"),
+    "text_prior yes": (chat(kv_compression={"text_prior": "yes"}), 400, "invalid_kv_compression"),
+    "stream yes": (chat(stream="yes"), 422, "invalid_request"),
+    "both token limits": (chat(max_completion_tokens=4), 400, "invalid_request"),
     "unknown model": (dict(chat(), model="gpt-4o"), 404, "model_not_found"),
     "too many images": (chat([image_part()] * 3 + [text_part("q")]), 400, "too_many_media"),
     "too many frames": (chat([video_part(), text_part("q")], video={"frames": 9}), 400, "too_many_frames"),
@@ -251,11 +260,28 @@ def test_bad_requests(server, case):
     assert error["code"] == code and error["message"]
 
 
+def test_bad_requests_do_not_hurt_their_batch_mates(server, client):
+    """Issue 14 item 1: bad requests sent among good ones; every good one still answers 200."""
+    bad = [BAD_REQUESTS[c][0] for c in ("float window", "float sink", "float pool_kernel", "text_prior yes")]
+
+    def good(i):
+        return ask(client, [image_part(), text_part(QUESTIONS[i % 3])], max_tokens=6)
+
+    with ThreadPoolExecutor(12) as pool:
+        bad_jobs = [pool.submit(post, server, b) for b in bad * 2]
+        good_jobs = [pool.submit(good, i) for i in range(6)]
+        assert all(j.result().status_code == 400 for j in bad_jobs)
+        assert all(j.result().choices[0].finish_reason in ("stop", "length") for j in good_jobs)
+
+
 def test_auth(server):
     assert post(server, chat(), headers={"Authorization": ""}).status_code == 401
     assert post(server, chat(), headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert post(server, chat(), headers={"Authorization": KEY}).status_code == 401  # no scheme
     assert requests.get(f"{server}/v1/models", timeout=30).status_code == 401
+    for path in ("/docs", "/openapi.json"):  # the schema is behind the key too
+        assert requests.get(server + path, timeout=30).status_code == 401
+        assert requests.get(server + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=30).status_code == 200
     assert requests.get(f"{server}/health", timeout=30).status_code == 200  # probes need no key
 
 
@@ -294,7 +320,7 @@ def test_custom_metrics_on_the_prometheus_endpoint(client, ray_local):
 
 
 # ---------------------------------------------------------------------------------------- config
-def test_serve_config_is_valid():
+def test_serve_config_is_valid(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     from pipeline.serve import ServeSettings, app_builder
@@ -304,6 +330,10 @@ def test_serve_config_is_valid():
     assert app.import_path == "pipeline.serve:app_builder"
     assert "working_dir" not in (app.runtime_env or {})
     ServeSettings.model_validate(app.args)
+    monkeypatch.delenv("MEDA_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="no API key"):  # the checked-in config fails closed
+        app_builder(app.args)
+    monkeypatch.setenv("MEDA_API_KEY", "k1,k2")
     app_builder(app.args)  # builds the graph (binds deployments) without loading the model
     with pytest.raises(ValueError, match="modle"):
         app_builder({**app.args, "modle": "typo"})
@@ -313,9 +343,31 @@ def test_meda_serve_cli_builds_the_app():
     from pipeline.cli import build_parser
     from pipeline.serve import app_builder, run_serve, settings_from_cli
 
-    args = build_parser().parse_args(["serve", "--model", "/ckpt", "--method", "snapkv", "--budget", "512",
-                                      "--allow-bucket", "media-*", "--num-gpus", "0", "--port", "9000"])
+    args = build_parser().parse_args(["serve", "--model", "/ckpt", "--method", "snapkv", "--budget-tokens", "512",
+                                      "--window", "8", "--allow-bucket", "media-*", "--num-gpus", "0",
+                                      "--port", "9000"])
     assert args.func is run_serve and args.port == 9000
     settings = settings_from_cli(args)
-    assert (settings["method"], settings["budget"], settings["allowed_buckets"]) == ("snapkv", 512, ["media-*"])
+    assert (settings["method"], settings["budget_tokens"], settings["allowed_buckets"]) == ("snapkv", 512, ["media-*"])
+    assert settings["compression"]["window"] == 8 and not settings["require_api_key"]
+    with pytest.raises(ValueError, match="does not exist"):  # a local path is checked on the launching side
+        app_builder(settings)
+    settings["model"] = str(REPO / "tests")  # any existing directory: resolved to an absolute path
     app_builder(settings)
+    explicit = settings_from_cli(build_parser().parse_args(["serve", "--model", "m", "--num-gpus", "0",
+                                                            "--api-key-env", "MEDA_UNSET_KEY_VAR"]))
+    with pytest.raises(ValueError, match="no API key"):  # a named key variable that is empty: refuse
+        app_builder(explicit)
+
+
+def test_autoscaling_defaults():
+    from pipeline.serve import ServeSettings, app_builder
+
+    s = ServeSettings(model="m", max_num_seqs=8)
+    assert s.autoscaling_target == 4 and s.downscale_delay_s == 120 and s.upscale_delay_s == 10
+    app = app_builder({"model": "m", "max_num_seqs": 8, "max_replicas": 4})
+    ingress = app._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    cfg = model._deployment_config.autoscaling_config
+    assert cfg.target_ongoing_requests == 4 < model._deployment_config.max_ongoing_requests
+    assert cfg.downscale_delay_s == 120

@@ -1,0 +1,46 @@
+"""Custom endpoint metrics, exported by Ray's metrics agent next to Serve's own (as ``ray_meda_*``)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from meda_engine import Result
+
+
+class ServeMetrics:
+    """Counters and a latency histogram, all tagged with the served model's name."""
+
+    LATENCY_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Counter, Histogram
+
+        tags = {"model": model}
+        self.requests = Counter("meda_requests", "Requests by route and HTTP status",
+                                tag_keys=("model", "route", "status")).set_default_tags(tags)
+        self.prompt_tokens = Counter("meda_prompt_tokens", "Prompt tokens of answered requests",
+                                     tag_keys=("model", "method")).set_default_tags(tags)
+        self.completion_tokens = Counter("meda_completion_tokens", "Generated tokens of answered requests",
+                                         tag_keys=("model", "method")).set_default_tags(tags)
+        self.kv_bytes_saved = Counter("meda_kv_bytes_saved", "Prompt KV bytes evicted or merged by compression",
+                                      tag_keys=("model", "method")).set_default_tags(tags)
+        self.cancelled = Counter("meda_requests_cancelled", "Streams the client abandoned before the end",
+                                 tag_keys=("model",)).set_default_tags(tags)
+        self.latency = Histogram("meda_request_latency_seconds", "Chat completion latency (to the last token)",
+                                 boundaries=self.LATENCY_BOUNDARIES,
+                                 tag_keys=("model", "stream")).set_default_tags(tags)
+
+    def request(self, route: str, status: int) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+
+    def completion(self, result: Result, *, started: float, stream: bool) -> None:
+        t = result.telemetry
+        method = {"method": t.method}
+        self.prompt_tokens.inc(t.n_prompt_tokens, tags=method)
+        if t.n_generated_tokens:
+            self.completion_tokens.inc(t.n_generated_tokens, tags=method)
+        if t.kv_bytes_full > t.kv_bytes_kept:
+            self.kv_bytes_saved.inc(t.kv_bytes_full - t.kv_bytes_kept, tags=method)
+        self.latency.observe(time.perf_counter() - started, tags={"stream": str(stream).lower()})
