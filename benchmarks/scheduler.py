@@ -1,0 +1,243 @@
+"""scheduler: continuous batching vs static batching, and rows under a fixed KV cap, through the scheduler.
+
+Two experiments, each measured side by side in one run on one thread, on a CPU-time clock
+(``time.thread_time``; idle gaps before the next arrival are skipped forward on the same clock for
+every policy), so other processes on the machine do not move the ratios:
+
+* ``mixed``: N requests (default 64) with max_tokens drawn uniformly from 8-128 (EOS ignored, so
+  max_tokens sets each answer's length), arriving all at once and as a Poisson stream. Policies at
+  the same row cap (``--max-num-seqs``): ``continuous`` (the scheduler), ``static`` (the scheduler
+  admitting only when no row runs: batches that end together, finished rows leave the step early),
+  and, for all-at-once, ``static_padded`` (today's `Engine.stream_static`: padded batches decoded
+  until their slowest row ends). Target: continuous >= 1.5x static tokens/s.
+* ``fixed_cap``: the same N' long-prompt requests through `Scheduler` under one KV cap, full cache
+  vs meda@budget: concurrent rows (peak and mean over decode steps) and tokens/s (decode steps
+  alone, and end to end with prefill). Target: meda >= 3x the rows and >= 2x decode tokens/s.
+
+    python -m benchmarks.scheduler
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+from . import common
+from .common import MiB, log
+
+SUITE = "scheduler"
+KEY = ("experiment", "model", "arrival", "policy", "method")
+
+
+def parse_args(argv):
+    p = common.base_parser(SUITE, __doc__.split("\n")[0])
+    p.set_defaults(model="qwen2-0.5b")
+    p.add_argument("--experiments", type=common.str_list, default=["mixed", "fixed_cap"])
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--arrivals", type=common.str_list, default=["all", "poisson"])
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="Poisson arrivals per CPU second (0: the all-at-once continuous throughput in requests/s)")
+    p.add_argument("--cap-model", default="small", choices=sorted(common.MODEL_SHAPES))
+    p.add_argument("--cap-context", type=int, default=8192)
+    p.add_argument("--cap-mib", type=float, default=80.0)
+    p.add_argument("--cap-budget", type=float, default=0.2)
+    p.add_argument("--cap-requests", type=int, default=24)
+    p.add_argument("--cap-max-tokens", type=int, default=64)
+    return p.parse_args(argv)
+
+
+class DecodeMeter:
+    """Wraps `Engine.decode_rows` on one engine instance: CPU time and rows of every decode step."""
+
+    def __init__(self, engine):
+        self.engine, self.orig = engine, type(engine).decode_rows
+        self.cpu_s, self.rows, self.steps = 0.0, 0, 0
+        engine.decode_rows = self
+
+    def __call__(self, caches, toks, pos):
+        t = time.thread_time()
+        out = self.orig(self.engine, caches, toks, pos)
+        self.cpu_s += time.thread_time() - t
+        self.rows += len(caches)
+        self.steps += 1
+        return out
+
+    def close(self):
+        del self.engine.decode_rows
+
+
+def drive(engine, prepared, arrivals, *, policy, max_num_seqs, cap_bytes, compression=None) -> dict[str, Any]:
+    """Feed ``prepared[i]`` at CPU-clock time ``arrivals[i]``, step until all finish."""
+    from meda_engine.scheduler import Scheduler
+
+    sched = Scheduler(engine, max_num_seqs=max_num_seqs, kv_cache_memory_bytes=cap_bytes, policy=policy,
+                      default_compression=compression)
+    meter = DecodeMeter(engine)
+    handles, i, skipped = [], 0, 0.0
+    t0 = time.thread_time()
+    running = []
+    try:
+        while i < len(prepared) or sched.has_work():
+            now = time.thread_time() - t0 + skipped
+            if not sched.has_work() and i < len(prepared) and arrivals[i] > now:
+                skipped += arrivals[i] - now  # idle: jump to the next arrival
+                now = arrivals[i]
+            while i < len(prepared) and arrivals[i] <= now:
+                handles.append(sched.submit(prepared[i]))
+                i += 1
+            sched.step()
+            running.append(len(sched._running))
+        total = time.thread_time() - t0 + skipped
+    finally:
+        meter.close()
+    results = [h.result() for h in handles]
+    tokens = sum(len(r.token_ids) for r in results)
+    st = sched.stats()
+    tele = [r.telemetry for r in results]
+    return {"policy": policy, "requests": len(results), "tokens": tokens, "cpu_s": total,
+            "tokens_per_s": tokens / total, "decode_steps": meter.steps, "decode_cpu_s": meter.cpu_s,
+            "decode_tokens_per_s": meter.rows / meter.cpu_s if meter.cpu_s else 0.0,
+            "mean_running": meter.rows / meter.steps if meter.steps else 0.0, "peak_running": st.peak_running,
+            "peak_kv_bytes_in_use": st.peak_kv_bytes_in_use, "cap_bytes": cap_bytes,
+            "ttft_p50_s": statistics.median(t.time_to_first_token_s for t in tele),
+            "queue_wait_p50_s": statistics.median(t.queue_wait_s for t in tele),
+            "tpot_p50_s": statistics.median(t.time_per_output_token_s for t in tele if t.time_per_output_token_s),
+            "token_ids": [r.token_ids for r in results]}
+
+
+def static_padded(engine, prepared, max_num_seqs) -> dict[str, Any]:
+    engine.max_batch_size = max_num_seqs
+    t0 = time.thread_time()
+    results = engine.generate_static(prepared)
+    total = time.thread_time() - t0
+    tokens = sum(len(r.token_ids) for r in results)
+    return {"policy": "static_padded", "requests": len(results), "tokens": tokens, "cpu_s": total,
+            "tokens_per_s": tokens / total, "token_ids": [r.token_ids for r in results]}
+
+
+def mixed(args, records) -> None:
+    import torch
+
+    from meda_engine import Engine
+
+    model, tok = common.build_model(args.model, torch.float32, seed=args.seed)
+    engine = Engine.from_model(model, tok)
+    engine._eos = set()  # benchmark only: lengths set by max_tokens
+    rng = random.Random(args.seed)
+    prepared = []
+    for i in range(args.requests):
+        p = common.make_prompt(engine, args.prompt_tokens, seed=args.seed + i)
+        n = rng.randint(args.min_tokens, args.max_tokens)
+        prepared.append(dataclasses.replace(p, generation=dataclasses.replace(p.generation, max_new_tokens=n)))
+    cap = 1 << 40  # rows, not bytes, limit this experiment
+    base = {"experiment": "mixed", "model": args.model, "method": "full", "max_num_seqs": args.max_num_seqs,
+            "prompt_tokens": args.prompt_tokens, "max_tokens_range": [args.min_tokens, args.max_tokens]}
+    rate = args.rate
+    for arrival in args.arrivals:
+        if arrival == "all":
+            arrivals = [0.0] * len(prepared)
+        else:
+            if rate <= 0:
+                cont = next(r for r in records if r["experiment"] == "mixed" and r["arrival"] == "all"
+                            and r["policy"] == "continuous")
+                rate = cont["requests"] / cont["cpu_s"]
+            arr_rng = random.Random(args.seed + 1)
+            t, arrivals = 0.0, []
+            for _ in prepared:
+                t += arr_rng.expovariate(rate)
+                arrivals.append(t)
+        out = {}
+        for policy in ("continuous", "static"):
+            log(f"[scheduler] mixed {arrival} {policy}")
+            out[policy] = drive(engine, prepared, arrivals, policy=policy, max_num_seqs=args.max_num_seqs,
+                                cap_bytes=cap)
+        if arrival == "all":
+            log("[scheduler] mixed all static_padded")
+            out["static_padded"] = static_padded(engine, prepared, args.max_num_seqs)
+        same = all(out[p]["token_ids"] == out["continuous"]["token_ids"] for p in out)
+        for policy, r in out.items():
+            r.pop("token_ids")
+            rec = {**base, "arrival": arrival, **({"rate_per_cpu_s": rate} if arrival != "all" else {}), **r,
+                   "outputs_equal_across_policies": same,
+                   "continuous_vs_this": out["continuous"]["tokens_per_s"] / r["tokens_per_s"]}
+            records.append(rec)
+            log(f"    {arrival:7s} {policy:13s} {r['tokens']} tokens in {r['cpu_s']:.1f} CPU s: "
+                f"{r['tokens_per_s']:.1f} tok/s (continuous {rec['continuous_vs_this']:.2f}x)")
+
+
+def fixed_cap(args, records) -> None:
+    import torch
+
+    from meda_engine import CompressionConfig, Engine
+
+    model, tok = common.build_model(args.cap_model, torch.float32, seed=args.seed)
+    engine = Engine.from_model(model, tok)
+    engine._eos = set()
+    prompts = [common.make_prompt(engine, args.cap_context, seed=args.seed + i) for i in range(args.cap_requests)]
+    prompts = [dataclasses.replace(p, generation=dataclasses.replace(p.generation, max_new_tokens=args.cap_max_tokens))
+               for p in prompts]
+    cap = int(args.cap_mib * MiB)
+    out = {}
+    for method in ("full", "meda"):
+        comp = CompressionConfig("full") if method == "full" else CompressionConfig("meda", budget=args.cap_budget)
+        log(f"[scheduler] fixed_cap {method}")
+        out[method] = drive(engine, prompts, [0.0] * len(prompts), policy="continuous", max_num_seqs=256,
+                            cap_bytes=cap, compression=comp)
+        out[method].pop("token_ids")
+    for method, r in out.items():
+        f = out["full"]
+        rec = {"experiment": "fixed_cap", "model": args.cap_model, "arrival": "all", "method": method,
+               "budget": None if method == "full" else args.cap_budget, "context": args.cap_context, **r,
+               "peak_rows_vs_full": r["peak_running"] / f["peak_running"],
+               "mean_rows_vs_full": r["mean_running"] / f["mean_running"],
+               "decode_tokens_per_s_vs_full": r["decode_tokens_per_s"] / f["decode_tokens_per_s"],
+               "tokens_per_s_vs_full": r["tokens_per_s"] / f["tokens_per_s"]}
+        records.append(rec)
+        log(f"    {method:5s} peak rows {r['peak_running']} (mean {r['mean_running']:.1f}), peak KV "
+            f"{r['peak_kv_bytes_in_use'] / MiB:.1f}/{cap / MiB:.0f} MiB, decode {r['decode_tokens_per_s']:.1f} tok/s, "
+            f"end to end {r['tokens_per_s']:.1f} tok/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    command = common.command_line(SUITE, argv)
+    t_start = time.perf_counter()
+    machine = common.machine_info(args.threads, bandwidth=False)
+    records: list[dict[str, Any]] = []
+    for exp in args.experiments:
+        {"mixed": mixed, "fixed_cap": fixed_cap}[exp](args, records)
+        run = {"command": command, "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+               "wall_s": time.perf_counter() - t_start, "load_average_at_end": common.load_average()}
+        common.write_results(SUITE, args.out_dir, run, list(records), KEY, to_markdown, fresh=args.fresh)
+    log(f"[scheduler] wrote {args.out_dir / (SUITE + '.json')}")
+    return 0
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    recs = data["records"]
+    mixed_rows = [[r["model"], r["arrival"], r["policy"], r["max_num_seqs"], r["requests"], r["tokens"], r["cpu_s"],
+                   r["tokens_per_s"], r["continuous_vs_this"], r.get("mean_running"), r.get("ttft_p50_s"),
+                   r.get("outputs_equal_across_policies")] for r in recs if r["experiment"] == "mixed"]
+    cap_rows = [[r["model"], r["context"], r["cap_bytes"] / MiB, r["method"], r.get("budget"), r["requests"],
+                 r["peak_running"], r["mean_running"], r["peak_kv_bytes_in_use"] / MiB, r["decode_tokens_per_s"],
+                 r["tokens_per_s"], r["peak_rows_vs_full"], r["mean_rows_vs_full"], r["decode_tokens_per_s_vs_full"],
+                 r["tokens_per_s_vs_full"]] for r in recs if r["experiment"] == "fixed_cap"]
+    t1 = common.md_table(["model", "arrivals", "policy", "max_num_seqs", "requests", "tokens", "CPU s", "tok/s",
+                          "continuous vs this", "mean rows per step", "TTFT p50 (CPU s)", "same outputs"], mixed_rows)
+    t2 = common.md_table(["model", "context", "cap MiB", "method", "r", "requests", "peak rows", "mean rows",
+                          "peak KV MiB", "decode tok/s", "end-to-end tok/s", "peak rows vs full", "mean rows vs full",
+                          "decode tok/s vs full", "end-to-end vs full"], cap_rows)
+    return f"# scheduler\n\n## mixed lengths\n\n{t1}\n\n## fixed KV cap\n\n{t2}\n\nRuns:\n{common.runs_markdown(data)}\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
