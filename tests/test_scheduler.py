@@ -354,3 +354,23 @@ def test_detokenizer_is_incremental_and_exact(engines):
     ids = [rng.choice(vocab) for _ in range(25)]
     d = Detokenizer(Slow())
     assert "".join(d.push(i)[0] for i in ids) + d.flush() == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_scheduler_benchmark_smoke(tmp_path):
+    import json
+
+    from benchmarks import scheduler as bench
+
+    assert bench.main(["--model", "tiny", "--requests", "6", "--min-tokens", "2", "--max-tokens", "12",
+                       "--max-num-seqs", "3", "--cap-model", "tiny", "--cap-context", "256", "--cap-mib", "0.25",
+                       "--cap-requests", "4", "--cap-max-tokens", "4", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "scheduler.json").read_text())
+    mixed = [r for r in data["records"] if r["experiment"] == "mixed"]
+    assert {(r["arrival"], r["policy"]) for r in mixed} == {
+        ("all", "continuous"), ("all", "static"), ("all", "static_padded"), ("poisson", "continuous"),
+        ("poisson", "static")}
+    assert all(r["outputs_equal_across_policies"] for r in mixed)
+    cap = {r["method"]: r for r in data["records"] if r["experiment"] == "fixed_cap"}
+    assert cap["meda"]["peak_running"] >= cap["full"]["peak_running"]
+    assert all(r["peak_kv_bytes_in_use"] <= r["cap_bytes"] for r in cap.values())
+    assert "## fixed KV cap" in (tmp_path / "scheduler.md").read_text()
