@@ -351,7 +351,8 @@ class Scheduler:
     # ---- introspection --------------------------------------------------------------------------
     def kv_bytes_in_use(self) -> int:
         """Measured storage of every running row's cache, plus the prefill reservation in flight."""
-        return sum(row_cache_bytes(e.row.cache) for e in list(self._running) if e.row is not None) + self._reserved
+        rows = [e.row for e in list(self._running)]  # a snapshot: another thread may be stepping
+        return sum(row_cache_bytes(r.cache) for r in rows if r is not None) + self._reserved
 
     def stats(self) -> SchedulerStats:
         in_use = self.kv_bytes_in_use()
