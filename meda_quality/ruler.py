@@ -30,7 +30,7 @@ from typing import Any
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "fwe", "qa")
 LENGTHS = (1024, 2048, 4096)
 # Answer lengths: the model restates the question before the value ("The special magic number ... is 7311.")
-MAX_NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 48, "vt": 32, "fwe": 32, "qa": 24}
+MAX_NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 64, "vt": 48, "fwe": 32, "qa": 24}
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_WORDS = ("amber", "basin", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "jasper",

@@ -30,6 +30,15 @@ class CausalLMAdapter(ModelAdapter):
     def default_chat_template(self) -> str | None:
         return PLAIN_CHAT_TEMPLATE
 
+    def render(self, request: Request) -> str:
+        """Chat-template text with each message's content as one string: text-only templates (e.g.
+        SmolLM2's, shipped in its GGUF) concatenate ``message['content']`` and fail on a parts list."""
+        msgs = [{"role": m.role, "content": "".join(p for p in m.content if isinstance(p, str))}
+                for m in request.messages]
+        template = None if getattr(self.tokenizer, "chat_template", None) else self.default_chat_template()
+        kwargs = {"chat_template": template} if template else {}
+        return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **kwargs)
+
     def prepare(self, request: Request, *, max_new_tokens: int | None = None) -> PreparedPrompt:
         if request.media:
             raise ConfigError(f"{self.config.model_type} is a text-only model; the request has images or video")
