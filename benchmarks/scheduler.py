@@ -225,18 +225,32 @@ def main(argv: list[str] | None = None) -> int:
 def to_markdown(data: dict[str, Any]) -> str:
     recs = data["records"]
     mixed_rows = [[r["model"], r["arrival"], r["policy"], r["max_num_seqs"], r["requests"], r["tokens"], r["cpu_s"],
-                   r["tokens_per_s"], r["continuous_vs_this"], r.get("mean_running"), r.get("ttft_p50_s"),
+                   r["tokens_per_s"], r["continuous_vs_this"], r.get("decode_cpu_s"), r.get("decode_tokens_per_s"),
+                   r.get("mean_running"), r.get("ttft_p50_s"),
                    r.get("outputs_equal_across_policies")] for r in recs if r["experiment"] == "mixed"]
     cap_rows = [[r["model"], r["context"], r["cap_bytes"] / MiB, r["method"], r.get("budget"), r["requests"],
                  r["peak_running"], r["mean_running"], r["peak_kv_bytes_in_use"] / MiB, r["decode_tokens_per_s"],
                  r["tokens_per_s"], r["peak_rows_vs_full"], r["mean_rows_vs_full"], r["decode_tokens_per_s_vs_full"],
                  r["tokens_per_s_vs_full"]] for r in recs if r["experiment"] == "fixed_cap"]
     t1 = common.md_table(["model", "arrivals", "policy", "max_num_seqs", "requests", "tokens", "CPU s", "tok/s",
-                          "continuous vs this", "mean rows per step", "TTFT p50 (CPU s)", "same outputs"], mixed_rows)
+                          "continuous vs this", "decode CPU s", "decode tok/s", "mean rows per step", "TTFT p50 (CPU s)", "same outputs"], mixed_rows)
     t2 = common.md_table(["model", "context", "cap MiB", "method", "r", "requests", "peak rows", "mean rows",
                           "peak KV MiB", "decode tok/s", "end-to-end tok/s", "peak rows vs full", "mean rows vs full",
                           "decode tok/s vs full", "end-to-end vs full"], cap_rows)
-    return f"# scheduler\n\n## mixed lengths\n\n{t1}\n\n## fixed KV cap\n\n{t2}\n\nRuns:\n{common.runs_markdown(data)}\n"
+    how = (
+        "Through `meda_engine.scheduler.Scheduler`, one thread, CPU-time clock (`time.thread_time`; idle gaps "
+        "before the next Poisson arrival are skipped forward on that clock, the same way for every policy), EOS "
+        "ignored so that max_tokens sets each answer's length. *Mixed lengths*: `continuous` admits whenever a row "
+        "is free; `static` is the same scheduler admitting only when no row runs (batches end together, but "
+        "finished rows already leave the step); `static_padded` is today's padded `Engine.stream_static` "
+        "(finished rows keep decoding until the batch's slowest ends). tok/s is end to end (prefill included). "
+        "*Fixed KV cap*: the same long-prompt requests, all at once, full vs meda; rows = rows decoding together "
+        "(peak, and mean over decode steps), decode tok/s = tokens from decode steps / CPU time of those steps, "
+        "end-to-end tok/s includes every prefill (meda's prefill also computes its statistics). Models have random "
+        "weights of the named shape; `small` (4 layers, hidden 256) stands in where the 0.5B shape's 8k-token "
+        "prefills would take hours on this CPU.")
+    return (f"# scheduler\n\n{how}\n\n## mixed lengths\n\n{t1}\n\n## fixed KV cap\n\n{t2}\n\n"
+            f"Runs:\n{common.runs_markdown(data)}\n")
 
 
 if __name__ == "__main__":
