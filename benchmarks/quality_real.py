@@ -147,7 +147,10 @@ def run_select(args) -> None:
         save(args.out, data)
         print(f"[select] {it.uid} score={rec['score']:.2f} cpu={rec['cpu_s']:.1f}s {rec['output'][:70]!r}", flush=True)
     cells: dict[str, list[float]] = {}
-    for rec in data["select"].values():
+    uids = {it.uid for it in items}
+    for uid, rec in data["select"].items():
+        if uid not in uids:  # answers of a longer, interrupted run: not part of this selection
+            continue
         cells.setdefault(f"{rec['task']}/{rec['length']}", []).append(rec["score"])
     data["selection"] = {
         "threshold": SELECT_THRESHOLD,
