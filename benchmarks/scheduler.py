@@ -249,7 +249,29 @@ def to_markdown(data: dict[str, Any]) -> str:
         "end-to-end tok/s includes every prefill (meda's prefill also computes its statistics). Models have random "
         "weights of the named shape; `small` (4 layers, hidden 256) stands in where the 0.5B shape's 8k-token "
         "prefills would take hours on this CPU.")
-    return (f"# scheduler\n\n{how}\n\n## mixed lengths\n\n{t1}\n\n## fixed KV cap\n\n{t2}\n\n"
+    notes = []
+    for arrival in ("all", "poisson"):
+        c = next((r for r in recs if r["experiment"] == "mixed" and r["arrival"] == arrival
+                  and r["policy"] == "continuous"), None)
+        st = next((r for r in recs if r["experiment"] == "mixed" and r["arrival"] == arrival
+                   and r["policy"] == "static"), None)
+        if c and st and c.get("decode_steps"):
+            pre_c, pre_s = c["cpu_s"] - c["decode_cpu_s"], st["cpu_s"] - st["decode_cpu_s"]
+            notes.append(
+                f"- {arrival}: static ran {st['decode_steps']} decode steps, continuous {c['decode_steps']} "
+                f"({st['decode_steps'] / c['decode_steps']:.2f}x; mean rows per step {st['mean_running']:.1f} vs "
+                f"{c['mean_running']:.1f}); decode-only tok/s {c['decode_tokens_per_s'] / st['decode_tokens_per_s']:.2f}x. "
+                f"Everything outside decode steps (prefill, sampling, scheduling) took {pre_c:.0f} vs {pre_s:.0f} CPU s "
+                f"of {c['cpu_s']:.0f} vs {st['cpu_s']:.0f}: the same prefills in both, which dilutes the end-to-end ratio.")
+    for m in (r for r in recs if r["experiment"] == "fixed_cap" and r["method"] != "full"):
+        notes.append(
+            f"- fixed cap ({m['model']}, {m['context']}-token prompts, {m['cap_bytes'] / MiB:.0f} MiB): {m['method']}@"
+            f"{m['budget']} decoded {m['peak_rows_vs_full']:.2f}x the rows at peak ({m['mean_rows_vs_full']:.2f}x on "
+            f"average over its decode steps, which include the tail where the last rows finish) and "
+            f"{m['decode_tokens_per_s_vs_full']:.2f}x the decode tokens/s; end to end {m['tokens_per_s_vs_full']:.2f}x, "
+            f"because every request still pays a full-length prefill (and meda its statistics).")
+    findings = ("Findings (computed from the records):\n\n" + "\n".join(notes) + "\n\n") if notes else ""
+    return (f"# scheduler\n\n{how}\n\n{findings}## mixed lengths\n\n{t1}\n\n## fixed KV cap\n\n{t2}\n\n"
             f"Runs:\n{common.runs_markdown(data)}\n")
 
 
