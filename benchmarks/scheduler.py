@@ -38,7 +38,7 @@ def parse_args(argv):
     p.set_defaults(model="qwen2-0.5b")
     p.add_argument("--experiments", type=common.str_list, default=["mixed", "fixed_cap"])
     p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--min-tokens", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=16)
