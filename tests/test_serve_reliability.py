@@ -424,7 +424,7 @@ def test_cluster_recipe_with_the_key_on_the_launching_side_only(checkpoint, tmp_
         broken.mkdir()
         (broken / "config.json").write_text(json.dumps({"model_type": "nope"}))
         t0 = time.monotonic()
-        failed = subprocess.run([*cmd[:4], str(broken), *cmd[5:]], cwd=REPO, env=launch_env, capture_output=True,
+        failed = subprocess.run([*cmd[:5], str(broken), *cmd[6:]], cwd=REPO, env=launch_env, capture_output=True,
                                 text=True, timeout=300)
         assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
         assert "did not start" in failed.stderr and "nope" in failed.stderr, failed.stderr[-3000:]

@@ -109,6 +109,8 @@ def run_serve(args: argparse.Namespace) -> int:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as e:  # the application ended DEPLOY_FAILED: report the replica's error
             print(f"meda serve: error: the application did not start: {e}", file=sys.stderr, flush=True)
+            for name, message in _deployment_errors(serve):
+                print(f"meda serve: {name}: {message}", file=sys.stderr, flush=True)
             _stop(serve, ray, started_ray, keep=False)
             return 1
         print(f"meda serve: http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
@@ -117,6 +119,17 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _stop(serve, ray, started_ray, keep=args.keep_running and not started_ray)
         return 0
+
+
+def _deployment_errors(serve) -> list[tuple[str, str]]:
+    """(deployment, message) for each deployment of the app that reported an error (a replica's traceback)."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001 - the status is best effort: the error above is already printed
+        return []
+    if app is None:
+        return []
+    return [(name, d.message) for name, d in app.deployments.items() if d.message]
 
 
 def _stop(serve, ray, started_ray: bool, *, keep: bool) -> None:

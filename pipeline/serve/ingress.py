@@ -2,8 +2,6 @@
 responses and server-sent events. Everything a request can get wrong is refused here with a 4xx,
 before the request reaches the model's engine loop."""
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import logging
