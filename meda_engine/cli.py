@@ -19,7 +19,9 @@ from .config import ConfigError, GenerationConfig
 def add_model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model, required=default_model is None,
-                   help="hub id, local checkpoint directory or s3:// prefix")
+                   help="hub id, local checkpoint directory, s3:// prefix, or a GGUF checkpoint: a .gguf file, "
+                        "a directory holding one, or owner/repo/name.gguf on the hub")
+    g.add_argument("--gguf-file", default=None, help="the .gguf file to load inside --model (a directory or hub id)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
     g.add_argument("--max-pixels-per-frame", type=int, default=None, help="cap on pixels per video frame")
@@ -62,14 +64,14 @@ def run_generate(args: argparse.Namespace) -> int:
         video = Video(decoded.frames, decoded.fps_sampled)
     images = [decode_image(Path(p)) for p in args.image]
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    max_pixels_per_frame=args.max_pixels_per_frame)
+                                    max_pixels_per_frame=args.max_pixels_per_frame, gguf_file=args.gguf_file)
     request = Request(prompt=args.prompt, video=video, images=images, generation=generation,
                       query_after_compression=args.query_after_compression,
                       answer_from_compressed_cache=args.answer_from_compressed_cache)
     result = engine.generate([request], compression=compression)[0]
     if args.json:
         print(json.dumps({"text": result.text, "finish_reason": result.finish_reason,
-                          "telemetry": result.telemetry.to_dict()}))
+                          "telemetry": result.telemetry.to_dict(), "model": engine.model_info}))
     else:
         t = result.telemetry
         print(result.text)

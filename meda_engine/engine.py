@@ -345,7 +345,7 @@ class Engine:
             n_gen = len(generated[b])
             tele = Telemetry(
                 method=m.name,
-                budget=comps[b].budget if m.scorer is not None else 1.0,
+                budget=comps[b].keep_fraction(n_ctx[b]),
                 entropy_variant=out.entropy_variant,
                 n_prompt_tokens=p.length,
                 n_text_tokens=p.n_text,
@@ -411,7 +411,7 @@ class Engine:
             logits = hf_glue.lm_head(self.model)(hidden[0, n_query - 1]).float()
             del hidden
         return RowState(cache, logits, int(next_pos), outcome, method.name,
-                        comp.budget if method.scorer is not None else 1.0, kv_full, kv_kept, t1 - t0, t2 - t1)
+                        comp.keep_fraction(n_ctx), kv_full, kv_kept, t1 - t0, t2 - t1)
 
     @torch.inference_mode()
     def decode_rows(self, caches: Sequence[RaggedKVCache], token_ids: Sequence[int],
