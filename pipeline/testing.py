@@ -26,6 +26,12 @@ class FakeEngine:
     FAIL_WORD = "FAIL_PREPARE"  # a prompt containing it fails in prepare, like an over-long prompt
 
     def __init__(self) -> None:
+        # Failure hooks for the machine-failure tests (tests/cluster_scenarios.py):
+        #   MEDA_FAKE_INIT_ERROR=msg   the engine cannot be built (as when a checkpoint cannot be loaded)
+        #   MEDA_FAKE_CRASH_ONCE=path  the first generate call anywhere kills its process (path marks it done)
+        if os.environ.get("MEDA_FAKE_INIT_ERROR"):
+            raise RuntimeError(os.environ["MEDA_FAKE_INIT_ERROR"])
+        self.crash_once = os.environ.get("MEDA_FAKE_CRASH_ONCE")
         # Seconds per generate call, so tests can interrupt a run that is still going.
         self.delay_s = float(os.environ.get("MEDA_FAKE_DELAY_S", "0"))
 
@@ -38,6 +44,14 @@ class FakeEngine:
 
     def generate(self, prepared: list[FakePrepared]) -> list[Result]:
         time.sleep(self.delay_s)
+        if self.crash_once:
+            try:
+                fd = os.open(self.crash_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                os._exit(17)  # the actor's process dies mid-batch, as on a segfault or an OOM kill
         out = []
         for p in prepared:
             comp = p.request.compression
