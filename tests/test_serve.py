@@ -315,7 +315,10 @@ def test_custom_metrics_on_the_prometheus_endpoint(client, ray_local):
     port = ray_local._private.worker.global_worker.node.metrics_export_port
     expected = ["ray_meda_requests_total", "ray_meda_prompt_tokens_total", "ray_meda_completion_tokens_total",
                 "ray_meda_kv_bytes_saved_total", "ray_meda_request_latency_seconds_bucket",
-                'status="200"', 'status="401"', f'model="{NAME}"']
+                'status="200"', 'status="401"', f'model="{NAME}"',
+                # the engine's gauges, sampled from the replica's scheduler
+                "ray_meda_engine_rows_running", "ray_meda_engine_rows_waiting", "ray_meda_engine_kv_bytes_in_use",
+                "ray_meda_engine_kv_cache_capacity_bytes", "ray_meda_engine_preemptions"]
     assert not scrape_until(port, expected)
 
 

@@ -44,3 +44,31 @@ class ServeMetrics:
         if t.kv_bytes_full > t.kv_bytes_kept:
             self.kv_bytes_saved.inc(t.kv_bytes_full - t.kv_bytes_kept, tags=method)
         self.latency.observe(time.perf_counter() - started, tags={"stream": str(stream).lower()})
+
+
+class EngineMetrics:
+    """The replica's engine gauges (vLLM's ``num_requests_running`` / ``kv_cache_usage_perc`` family):
+    rows running and waiting, KV bytes in use against the cap, preemptions. Sampled from
+    `SchedulerStats` by `MedaModel` once a second."""
+
+    GAUGES = {
+        "running": ("meda_engine_rows_running", "Rows decoding in the replica's running batch"),
+        "waiting": ("meda_engine_rows_waiting", "Requests queued for admission"),
+        "kv_bytes_in_use": ("meda_engine_kv_bytes_in_use", "KV-cache bytes held by running rows (measured storage)"),
+        "kv_cache_memory_bytes": ("meda_engine_kv_cache_capacity_bytes", "The KV-cache cap admission keeps under"),
+        "kv_cache_usage": ("meda_engine_kv_cache_usage", "KV bytes in use / the cap"),
+        "preemptions": ("meda_engine_preemptions", "Rows preempted so far (0: the scheduler queues instead)"),
+        "cancelled": ("meda_engine_requests_cancelled", "Requests cancelled in the engine so far"),
+        "failed": ("meda_engine_requests_failed", "Requests that failed inside the engine so far"),
+    }
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Gauge
+
+        self.gauges = {key: Gauge(name, doc, tag_keys=("model",)).set_default_tags({"model": model})
+                       for key, (name, doc) in self.GAUGES.items()}
+
+    def update(self, stats: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in stats:
+                gauge.set(float(stats[key]))

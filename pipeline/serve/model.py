@@ -161,7 +161,22 @@ class MedaModel:
     """One `ModelServer` per replica."""
 
     def __init__(self, settings: dict[str, Any]):
-        self.server = ModelServer(ServeSettings(**settings))
+        import threading
+
+        from .metrics import EngineMetrics
+
+        s = ServeSettings(**settings)
+        self.server = ModelServer(s)
+        self._metrics = EngineMetrics(s.served_name)
+        self._stop = threading.Event()
+        threading.Thread(target=self._export_engine_metrics, name="meda-engine-metrics", daemon=True).start()
+
+    def _export_engine_metrics(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self._metrics.update(self.server.stats())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                logger.exception("meda: exporting the engine gauges failed")
 
     async def generate(self, request: Request) -> Result | Rejection:
         """The finished `Result`, or why the request was refused."""
