@@ -7,7 +7,8 @@ It does three jobs, and never materialises a full ``L x L`` attention map:
   receives (summed over the prompt's query rows, or an evenly spaced subset of at most
   ``score_queries`` rows: the exact sum costs about as much again as the attention itself), row
   entropies, SnapKV's window (the last ``w`` rows) and MEDA's cross-modal entropy (only the text x
-  visual blocks). Memory per chunk is bounded by ``PrefillStats.chunk_bytes``.
+  visual blocks). The score blocks of the statistics are cut over rows, heads and, if need be,
+  keys (`stats_chunks`), so they hold at most ``PrefillStats.chunk_bytes`` at any length.
 * **Decode** (one query per row): attention over each row's valid cache slots, with a per-row key
   mask built from the layer's own lengths (so layers of different lengths need no shared mask).
   On CPU a grouped-query matmul path in float32 (SDPA with one query is slow on CPU, and so are
@@ -156,8 +157,76 @@ def _group(q: torch.Tensor, n_kv: int) -> torch.Tensor:
     return q.view(n_kv, h // n_kv, n, d)
 
 
-def _chunk_rows(n_q_heads: int, n_keys: int, chunk_bytes: int, temporaries: int = 3) -> int:
-    return max(16, chunk_bytes // max(1, n_q_heads * n_keys * 4 * temporaries))
+@dataclass(frozen=True)
+class StatsChunks:
+    """How the statistics' score blocks are cut: KV heads, query heads of a group, query rows and
+    keys per block. ``block_elems`` (= the product) float32 scores, times ``temporaries`` live
+    score-sized tensors, fit in ``chunk_bytes`` whenever ``chunk_bytes >= 4 * temporaries``."""
+
+    kv_heads: int
+    group_heads: int
+    rows: int
+    keys: int
+
+    @property
+    def block_elems(self) -> int:
+        return self.kv_heads * self.group_heads * self.rows * self.keys
+
+
+def stats_chunks(n_kv: int, group: int, n_rows: int, n_keys: int, chunk_bytes: int,
+                 temporaries: int = 3) -> StatsChunks:
+    """The largest blocks with ``temporaries * 4 * block_elems <= chunk_bytes``: as many query rows as
+    fit over all heads and keys; if one row over all heads does not fit, fewer KV heads, then fewer
+    query heads of a group; if one row of one head over all keys does not fit, the keys are cut too
+    (the softmax then takes two passes over the key blocks: log-sum-exp, then the statistics)."""
+    budget = max(1, chunk_bytes // (4 * temporaries))
+    n_rows, n_keys = max(1, n_rows), max(1, n_keys)
+    if n_keys > budget:
+        return StatsChunks(1, 1, 1, budget)
+    if group * n_keys > budget:
+        return StatsChunks(1, budget // n_keys, 1, n_keys)
+    if n_kv * group * n_keys > budget:
+        return StatsChunks(budget // (group * n_keys), group, 1, n_keys)
+    return StatsChunks(n_kv, group, min(n_rows, budget // (n_kv * group * n_keys)), n_keys)
+
+
+def _block_stats(qb: torch.Tensor, kb: torch.Tensor, visible: torch.Tensor, scaling: float, key_step: int,
+                 want_received: bool):
+    """Softmax statistics of one block. ``qb (h, G', c, D)`` float32, ``kb (h, e, D)`` float32 (the KV
+    heads of the block), ``visible (c, e)`` bool. Returns the attention each key receives summed over
+    the block's query heads and rows ``(h, e)`` (or None), and the row entropies ``(h, G', c)`` in
+    nats (NaN for a row that sees no key). Keys are processed ``key_step`` at a time."""
+    h, gb, c, d = qb.shape
+    e = kb.shape[1]
+    q2 = qb.reshape(h, gb * c, d)
+    if key_step >= e:
+        scores = torch.matmul(q2, kb.transpose(1, 2)).mul_(scaling)  # (h, G'*c, e)
+        scores.view(h, gb, c, e).masked_fill_(~visible, NEG)
+        logp = torch.log_softmax(scores, dim=-1).clamp_(min=LOGP_FLOOR)
+        del scores
+        probs = logp.exp()
+        ent = -torch.linalg.vecdot(probs, logp).view(h, gb, c)
+        return (probs.sum(dim=1) if want_received else None), ent
+    lse = torch.full((h, gb * c), NEG, device=qb.device)
+    for k0 in range(0, e, key_step):  # pass 1: the softmax normaliser over key blocks
+        k1 = min(e, k0 + key_step)
+        scores = torch.matmul(q2, kb[:, k0:k1].transpose(1, 2)).mul_(scaling)
+        scores.view(h, gb, c, k1 - k0).masked_fill_(~visible[:, k0:k1], NEG)
+        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
+        del scores
+    received = torch.zeros((h, e), device=qb.device) if want_received else None
+    ent = torch.zeros((h, gb * c), device=qb.device)
+    for k0 in range(0, e, key_step):  # pass 2: probabilities, entropy and received attention
+        k1 = min(e, k0 + key_step)
+        logp = torch.matmul(q2, kb[:, k0:k1].transpose(1, 2)).mul_(scaling)
+        logp.view(h, gb, c, k1 - k0).masked_fill_(~visible[:, k0:k1], NEG)
+        logp.sub_(lse[..., None]).clamp_(min=LOGP_FLOOR)
+        probs = logp.exp()
+        ent -= torch.linalg.vecdot(probs, logp)
+        if received is not None:
+            received[:, k0:k1] += probs.sum(dim=1)
+        del logp, probs
+    return received, ent.view(h, gb, c)
 
 
 def query_rows(length: int, max_rows: int) -> torch.Tensor:
@@ -173,8 +242,9 @@ def attention_from_rows(q, k, scaling: float, rows: torch.Tensor, *, chunk_bytes
 
     ``q (H_q, L, D)``, ``k (H_kv, L, D)``, ``rows (n,)`` ascending. Returns the attention each key
     receives from those rows, ``(H_kv, L)`` float32 (sum over rows, mean over the query heads of a
-    group), and, if asked, the mean entropy of those rows in nats (over rows and heads). Cost and
-    memory are O(n * L), in row chunks of at most ``chunk_bytes`` of scores.
+    group), and, if asked, the mean entropy of those rows in nats (over rows and heads). Cost is
+    O(n * L); the score blocks (`stats_chunks`: rows, then heads, then keys) hold at most
+    ``chunk_bytes`` together (three live score-sized float32 tensors per block).
     """
     n_kv, length, d = k.shape
     qg = _group(q, n_kv)
@@ -182,20 +252,21 @@ def attention_from_rows(q, k, scaling: float, rows: torch.Tensor, *, chunk_bytes
     rows = rows.to(q.device)
     received = torch.zeros((n_kv, length), dtype=torch.float32, device=q.device)
     ent_total = torch.zeros((), dtype=torch.float64, device=q.device)
-    step = _chunk_rows(q.shape[0], length, chunk_bytes)
-    for s in range(0, rows.numel(), step):
-        r = rows[s : s + step]
-        c, e = r.numel(), int(r[-1]) + 1  # keys after the chunk's last row are never visible
-        qc = qg[:, :, r].reshape(n_kv, g * c, d).float()
-        scores = torch.matmul(qc, k[:, :e].float().transpose(1, 2)).mul_(scaling)  # (H_kv, G*c, e)
-        future = torch.arange(e, device=q.device)[None, :] > r[:, None]  # (c, e)
-        scores.view(n_kv, g, c, e).masked_fill_(future, NEG)
-        logp = torch.log_softmax(scores, dim=-1).clamp_(min=LOGP_FLOOR)
-        probs = logp.exp()
-        if want_row_entropy:
-            ent_total -= torch.linalg.vecdot(probs, logp).sum(dtype=torch.float64)
-        received[:, :e] += probs.sum(dim=1)
-        del scores, logp, probs
+    plan = stats_chunks(n_kv, g, rows.numel(), length, chunk_bytes)
+    for s in range(0, rows.numel(), plan.rows):
+        r = rows[s : s + plan.rows]
+        e = int(r[-1]) + 1  # keys after the chunk's last row are never visible
+        visible = torch.arange(e, device=q.device)[None, :] <= r[:, None]  # (c, e)
+        for h0 in range(0, n_kv, plan.kv_heads):
+            h1 = min(n_kv, h0 + plan.kv_heads)
+            kb = k[h0:h1, :e].float()
+            for g0 in range(0, g, plan.group_heads):
+                qb = qg[h0:h1, g0 : g0 + plan.group_heads, r].float()
+                got, ent = _block_stats(qb, kb, visible, scaling, plan.keys, want_received=True)
+                received[h0:h1, :e] += got
+                if want_row_entropy:
+                    ent_total += ent.sum(dtype=torch.float64)
+                del got, ent, qb
     received /= g
     ent = float(ent_total) / (q.shape[0] * rows.numel()) if want_row_entropy else None
     return received, ent
@@ -212,22 +283,22 @@ def _masked_entropy_mean(qsel, ksel, q_pos, k_pos, scaling: float, chunk_bytes: 
         return 0.0, 0
     qg = _group(qsel, n_kv)
     g = qg.shape[1]
-    kf = ksel.float().transpose(1, 2)
     total, count = 0.0, 0
-    step = _chunk_rows(qsel.shape[0], nk, chunk_bytes)
-    for s in range(0, qsel.shape[1], step):
-        e = min(qsel.shape[1], s + step)
-        c = e - s
+    plan = stats_chunks(n_kv, g, qsel.shape[1], nk, chunk_bytes)
+    for s in range(0, qsel.shape[1], plan.rows):
+        e = min(qsel.shape[1], s + plan.rows)
         visible = k_pos[None, :] <= q_pos[s:e, None]  # (c, nk)
         valid_rows = visible.any(dim=1)  # (c,)
         if not bool(valid_rows.any()):
             continue
-        scores = torch.matmul(qg[:, :, s:e].reshape(n_kv, g * c, d).float(), kf).mul_(scaling)
-        scores.view(n_kv, g, c, nk).masked_fill_(~visible, NEG)
-        logp = torch.log_softmax(scores, dim=-1).clamp_(min=LOGP_FLOOR)  # rows with no visible key: NaN, dropped below
-        ent = -torch.linalg.vecdot(logp.exp(), logp).view(n_kv, g, c)
-        total += float(ent[..., valid_rows].sum(dtype=torch.float64))
-        count += int(valid_rows.sum()) * n_kv * g
+        for h0 in range(0, n_kv, plan.kv_heads):
+            h1 = min(n_kv, h0 + plan.kv_heads)
+            kb = ksel[h0:h1].float()
+            for g0 in range(0, g, plan.group_heads):
+                qb = qg[h0:h1, g0 : g0 + plan.group_heads, s:e].float()
+                _, ent = _block_stats(qb, kb, visible, scaling, plan.keys, want_received=False)
+                total += float(ent[..., valid_rows].sum(dtype=torch.float64))  # rows seeing no key: NaN, dropped
+                count += int(valid_rows.sum()) * ent.shape[0] * ent.shape[1]
     return total, count
 
 

@@ -367,6 +367,7 @@ class Engine:
                 batch_size=bsz,
                 device=str(dev),
                 dtype=str(self.dtype).replace("torch.", ""),
+                budget_floor_applied=out.budget_floor_applied,
             )
             result = Result(item.request.request_id, text, list(generated[b]), finish[b] or "length", tele)
             yield StreamEvent(b, item.request.request_id, "", None, result)

@@ -136,6 +136,7 @@ class Telemetry:
     e2e_s: float = 0.0  # submitted -> finished
     kv_bytes_held: int = 0  # storage bytes of this row's cache while it decoded (measured, = allocated)
     preemptions: int = 0  # times this request was preempted (the scheduler reserves decode room: 0)
+    budget_floor_applied: bool = False  # the 1-token-per-layer floor kept more than the budget asks (budget x L < 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -507,6 +507,7 @@ class Scheduler:
             device=str(self.engine.device), dtype=str(self.engine.dtype).replace("torch.", ""),
             queue_wait_s=entry.admitted - entry.submitted, time_to_first_token_s=entry.first_token - entry.submitted,
             time_per_output_token_s=tpot, e2e_s=now - entry.submitted, kv_bytes_held=entry.row_bytes, preemptions=0,
+            budget_floor_applied=out_.budget_floor_applied,
         )
         del row  # the row's cache goes with it
         result = Result(entry.request_id, entry.detok.text, list(entry.tokens), entry.finish or "length", tele)

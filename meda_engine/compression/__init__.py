@@ -1,6 +1,14 @@
 """KV-cache compression: scorers, allocators, selection, merging, and the named methods."""
 
-from .allocators import EntropyAllocator, PyramidAllocator, UniformAllocator, clamp_to_mean, ratios_to_tokens
+from .allocators import (
+    EntropyAllocator,
+    PyramidAllocator,
+    UniformAllocator,
+    clamp_to_mean,
+    clamp_to_mean_log,
+    ratios_to_tokens,
+    token_target,
+)
 from .compressor import CompressionOutcome, compress_cache
 from .merge import KVMerger
 from .methods import Method, build_method
@@ -19,8 +27,10 @@ __all__ = [
     "WindowAttentionScorer",
     "build_method",
     "clamp_to_mean",
+    "clamp_to_mean_log",
     "compress_cache",
     "ratios_to_tokens",
     "recent_window",
     "select_tokens",
+    "token_target",
 ]

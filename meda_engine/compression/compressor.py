@@ -14,7 +14,7 @@ import torch
 
 from ..attention import PrefillStats
 from ..cache import RaggedKVCache
-from .allocators import ratios_to_tokens
+from .allocators import ratios_to_tokens, token_target
 from .methods import Method
 from .selection import select_tokens
 
@@ -24,21 +24,37 @@ class CompressionOutcome:
     layer_tokens: list[int]  # prompt tokens kept per layer, as held in the cache
     layer_entropies: list[float] | None
     entropy_variant: str | None
+    budget_floor_applied: bool = False  # the 1-token-per-layer floor kept more than the budget asks
+
+
+def _allocation_error(method: Method, exc: ValueError) -> ValueError:
+    return ValueError(f"{method.name}: cannot allocate the per-layer KV budget: {exc}")
 
 
 def allocate(method: Method, stats: PrefillStats | None, row: int, length: int, n_layers: int,
-             variant: str | None) -> tuple[list[int], list[float] | None]:
-    """Tokens to keep per layer for one row, and the layer entropies used (if any)."""
+             variant: str | None) -> tuple[list[int], list[float] | None, bool]:
+    """Tokens to keep per layer for one row, the layer entropies used (if any), and whether the
+    1-token-per-layer floor raised the total above the budget.
+
+    The counts sum exactly to ``round(rho * length * n_layers)`` (``rho`` = the config's keep
+    fraction for this length), each within ``[1, length]`` (`ratios_to_tokens`); where that total is
+    below ``n_layers`` the floor wins and the flag is set. Non-finite layer entropies raise
+    ``ValueError`` (never a silent minimum allocation)."""
     rho = method.config.keep_fraction(length)
     if method.scorer is None or rho >= 1.0:
-        return [length] * n_layers, None
+        return [length] * n_layers, None, False
     entropies = None
     if method.uses_entropy:
         assert stats is not None
         field = "cross_modal_entropy" if variant == "paper" else "row_entropy"
         entropies = [float(getattr(stats.layers[l][row], field)) for l in range(n_layers)]
-    ratios = method.allocator.ratios(rho, n_layers, entropies)
-    return ratios_to_tokens(ratios, length, minimum=1), entropies
+    try:
+        ratios = method.allocator.ratios(rho, n_layers, entropies)
+        counts = ratios_to_tokens(ratios, length, minimum=1, budget=rho)
+    except ValueError as exc:
+        raise _allocation_error(method, exc) from exc
+    _, floor_applied = token_target(rho, length, n_layers, minimum=1)
+    return counts, entropies, floor_applied
 
 
 def compress_cache(cache: RaggedKVCache, stats: PrefillStats | None, methods: list[Method],
@@ -84,5 +100,5 @@ def compress_cache(cache: RaggedKVCache, stats: PrefillStats | None, methods: li
             for rec in stats.layers[l]:
                 rec.column_sums = rec.window_scores = None
     return [
-        CompressionOutcome(cache.layer_lengths(b), plans[b][1], variants[b]) for b in range(len(methods))
+        CompressionOutcome(cache.layer_lengths(b), plans[b][1], variants[b], plans[b][2]) for b in range(len(methods))
     ]
