@@ -1,4 +1,4 @@
-"""Everything that depends on transformers' internals, in one place (tested with transformers 5.2-5.23).
+"""Everything that depends on transformers' internals, in one place (tested with transformers 5.23).
 
 * the engine's attention function is registered with ``AttentionInterface`` under ``ATTENTION_NAME``;
   no mask function is registered for that name, so transformers passes ``attention_mask=None`` and
@@ -6,7 +6,12 @@
 * the text decoder loads with that attention, the vision tower with SDPA;
 * the engine calls the base model (``model.model``) with explicit ``position_ids`` and its own cache
   object, and applies the LM head to the positions it needs only;
-* M-RoPE positions come from the model's own ``get_rope_index``.
+* M-RoPE positions come from the model's own ``get_rope_index``, checked against the convention the
+  engine is pinned to (`check_mrope_convention`): in transformers 5.23 the text after a Qwen2-VL /
+  Qwen2.5-VL image or video resumes at the block's start + ``max(h, w) / spatial_merge`` on all three
+  axes, so after a video it lies *inside* the video's time span (earlier 5.x, like the original
+  Qwen2-VL code, resumed after the block's largest position). pyproject pins ``transformers>=5.23,<5.24``;
+  another install that positions differently fails here instead of decoding differently.
 """
 
 from __future__ import annotations
@@ -140,4 +145,43 @@ def mrope_positions(model: Any, *, input_ids: torch.Tensor, mm_token_type_ids: t
     if second_per_grid_ts is not None and "second_per_grid_ts" in inspect.signature(fn).parameters:
         kwargs["second_per_grid_ts"] = second_per_grid_ts
     pos, _ = fn(input_ids[None], **kwargs)
-    return pos[:, 0].to(torch.long)
+    pos = pos[:, 0].to(torch.long)
+    config = base_model(model).config
+    if getattr(config, "model_type", None) in MROPE_CHECKED:
+        check_mrope_convention(pos, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                               config.vision_config.spatial_merge_size)
+    return pos
+
+
+MROPE_CHECKED = {"qwen2_vl", "qwen2_5_vl"}  # model types whose get_rope_index follows the rule below
+
+
+def check_mrope_convention(positions: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                           image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+                           spatial_merge_size: int) -> None:
+    """Raise if the text after a vision block does not resume where transformers 5.23 puts it: the
+    block's first temporal position + ``max(h, w) // spatial_merge_size`` (``positions (3, L)``,
+    ``mm_token_type_ids (L,)``: 0 text, 1 image, 2 video; grids in prompt order per modality)."""
+    types = mm_token_type_ids.tolist()
+    grids = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+             2: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
+    i, n = 0, len(types)
+    while i < n:
+        j = i
+        while j < n and types[j] == types[i]:
+            j += 1
+        if types[i] != 0:
+            grid = next(grids[types[i]], None)
+            if grid is None:
+                raise RuntimeError(f"M-RoPE check: more {'video' if types[i] == 2 else 'image'} blocks than grids")
+            if j < n:  # text follows this block
+                expected = int(positions[0, i]) + max(grid[1], grid[2]) // spatial_merge_size
+                got = [int(positions[a, j]) for a in range(3)]
+                if got != [expected] * 3:
+                    raise RuntimeError(
+                        f"M-RoPE positions differ from the convention this engine is pinned to (transformers "
+                        f"5.23: text after a vision block at its start + max(h, w)/merge = {expected}); the "
+                        f"installed transformers {transformers.__version__} puts it at {got}. Install "
+                        "transformers>=5.23,<5.24 (see pyproject.toml)."
+                    )
+        i = j

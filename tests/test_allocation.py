@@ -272,3 +272,53 @@ def test_cross_modal_entropy_chunked_equals_unchunked(monkeypatch):
     assert stats_chunks(4, 7, 100, 500, 4096).keys < 500
     assert watch.largest <= 4096 // 3
     assert got == pytest.approx(ref, rel=1e-6)
+
+
+# ------------------------------------------------------------ M-RoPE positions: the pinned convention
+from meda_engine import hf_glue  # noqa: E402
+
+
+def video_prompt(tok):
+    """3 text tokens, a video of grid (t=4, h=4, w=4) = 4 x 2 x 2 = 16 tokens after the 2x2 merge, 3 text."""
+    vid = tok.convert_tokens_to_ids("<|video_pad|>")
+    ids = torch.tensor([5, 6, 7] + [vid] * 16 + [8, 9, 10])
+    mm = torch.tensor([0] * 3 + [2] * 16 + [0] * 3, dtype=torch.int32)
+    return ids, mm, torch.tensor([[4, 4, 4]])
+
+
+@pytest.mark.parametrize("family,t_step", [("qwen2_vl", 1), ("qwen2_5_vl", 2)])
+def test_mrope_text_after_video_follows_the_pinned_convention(family, t_step):
+    """transformers 5.23 (the pinned range): the text after a video resumes at the video's start +
+    max(h, w)/merge = 3 + 2, inside the video's time span (temporal positions 3 .. 3 + 3*t_step)."""
+    import tiny_models
+
+    model, tok = tiny_models.build_model(family)
+    ids, mm, grid = video_prompt(tok)
+    pos = hf_glue.mrope_positions(model, input_ids=ids, mm_token_type_ids=mm, image_grid_thw=None,
+                                  video_grid_thw=grid)
+    assert pos[:, :3].tolist() == [[0, 1, 2]] * 3
+    assert pos[0, 3:19].tolist() == [3 + t_step * (i // 4) for i in range(16)]  # 4 temporal groups
+    assert pos[1, 3:19].tolist() == [3, 3, 4, 4] * 4 and pos[2, 3:19].tolist() == [3, 4] * 8
+    assert pos[:, 19:].tolist() == [[5, 6, 7]] * 3  # inside the time span, not after 3 + 3 * t_step
+    assert int(pos[0, 3:19].max()) >= 6
+
+
+def test_mrope_other_convention_fails_loudly(monkeypatch):
+    """An install that places the text after the video's largest position (earlier 5.x) must raise,
+    not decode differently: inject that behaviour into get_rope_index."""
+    import tiny_models
+
+    model, tok = tiny_models.build_model("qwen2_vl")
+    ids, mm, grid = video_prompt(tok)
+    base = hf_glue.base_model(model)
+    real = base.get_rope_index
+
+    def after_the_video(input_ids, **kwargs):
+        pos, delta = real(input_ids, **kwargs)
+        pos = pos.clone()
+        pos[:, 0, 19:] += int(pos[:, 0, 3:19].max()) + 1 - int(pos[0, 0, 19])
+        return pos, delta
+
+    monkeypatch.setattr(base, "get_rope_index", after_the_video)
+    with pytest.raises(RuntimeError, match="pinned to"):
+        hf_glue.mrope_positions(model, input_ids=ids, mm_token_type_ids=mm, image_grid_thw=None, video_grid_thw=grid)
