@@ -79,11 +79,21 @@ def run_generate(args: argparse.Namespace) -> int:
             f"\n[{t.method} budget={t.budget}] prompt {t.n_prompt_tokens} tokens ({t.n_visual_tokens} visual, "
             f"{t.n_frames} frames); KV {t.kv_bytes_kept / 2**20:.2f} / {t.kv_bytes_full / 2**20:.2f} MiB kept "
             f"({t.kv_keep_ratio:.1%}); prefill {t.prefill_s:.2f}s, compress {t.compress_s:.3f}s, "
-            f"decode {t.n_generated_tokens} tokens at {t.decode_tokens_per_s:.1f} tok/s; "
+            f"{decode_text(t)}; "
             f"peak mem {t.peak_mem_bytes / 2**20:.0f} MiB ({t.peak_mem_kind})",
             file=sys.stderr,
         )
     return 0
+
+
+def decode_text(t) -> str:
+    """Decode speed as the pipeline reports it: time per output token over the decode steps the
+    request ran (decode tok/s = 1 / TPOT). An answer with no decode step (1 token) shows its TTFT."""
+    n = f"{t.n_generated_tokens} token{'s' if t.n_generated_tokens != 1 else ''}"
+    if t.time_per_output_token_s > 0:
+        return (f"{n}, TTFT {t.time_to_first_token_s:.3f}s, decode {t.time_per_output_token_s * 1e3:.1f} ms/token "
+                f"({t.decode_tokens_per_s:.1f} tok/s)")
+    return f"{n}, TTFT {t.time_to_first_token_s:.3f}s, decode n/a (no decode step)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import storage
-from ..schema import empty_row, normalise_answer, to_table
+from ..schema import empty_row, normalise_answer, telemetry_values, to_table
 from .config import AnnotateConfig
 
 
@@ -194,17 +194,8 @@ class Annotator:
 
     @staticmethod
     def _fill(row: dict[str, Any], result) -> None:
-        t = result.telemetry
-        row.update(
-            text=result.text, finish_reason=result.finish_reason, budget=float(t.budget),
-            entropy_variant=t.entropy_variant, n_text_tokens=t.n_text_tokens, n_visual_tokens=t.n_visual_tokens,
-            n_prompt_tokens=t.n_prompt_tokens, n_generated_tokens=t.n_generated_tokens,
-            kv_bytes_full=t.kv_bytes_full, kv_bytes_kept=t.kv_bytes_kept, kv_keep_ratio=t.kv_keep_ratio,
-            kv_bytes_allocated=t.kv_bytes_allocated, layer_budgets=list(t.layer_budgets),
-            layer_entropies=t.layer_entropies, prefill_s=t.prefill_s, compress_s=t.compress_s,
-            decode_s=t.decode_s, decode_tokens_per_s=t.decode_tokens_per_s, peak_mem_bytes=t.peak_mem_bytes,
-            peak_mem_kind=t.peak_mem_kind, batch_size=t.batch_size,
-        )
+        # Every Telemetry field is a column (pipeline.schema derives them from the dataclass).
+        row.update(telemetry_values(result.telemetry), text=result.text, finish_reason=result.finish_reason)
         if row["expected_answer"] is not None:
             row["correct"] = normalise_answer(result.text) == normalise_answer(row["expected_answer"])
 
