@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from meda_engine import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # one line, naming the subcommand (argparse would print the top-level usage first)
+        print(f"meda {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+              f"(see meda {args.command} --help)", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -7,7 +7,10 @@ Ray or pyarrow at module import time.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,31 @@ DEFAULT_OUTPUT = "out/annotate"
 DEFAULT_PROMPT = "Describe the video in detail."
 DESCRIPTION = "The annotation job: manifest -> read + decode (CPU tasks) -> engine (actor pool) -> Parquet."
 
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what Engine.from_pretrained takes
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+ENGINES = ("real", "fake")
+# The flag of each AnnotateConfig field (and CompressionConfig field), so a message names what to change.
+FLAGS = {
+    "decode_timeout_s": "--decode-timeout", "progress": "--no-progress", "temperature": "--temperature-entropy",
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an AnnotateConfig / CompressionConfig field."""
+    return FLAGS.get(name) or "--" + name.replace("_", "-")
+
 
 @dataclass
 class AnnotateConfig:
+    """One run's settings. Validated on construction (CLI, Python, and again in each actor): a bad value
+    raises `meda_engine.ConfigError` whose message starts with the flag to change (``--frames: ...``).
+
+    ``method`` and ``budget`` are the main method's; ``compression`` holds every other `CompressionConfig`
+    field (``budget_tokens``, ``window``, ...), normalised to the full validated set, so that
+    ``CompressionConfig(method=method, budget=budget, **compression)`` (see `compression_for`) is the
+    config `meda generate` / `meda serve` would build from the same flags.
+    """
+
     input: str = DEFAULT_INPUT
     output: str = DEFAULT_OUTPUT
     model: str = DEFAULT_MODEL
@@ -52,6 +77,24 @@ class AnnotateConfig:
     region: str | None = None
     anon: bool = False
     progress: bool = True
+    # Reruns (pipeline/batch/plan.py): another configuration is refused unless new_config; error rows are
+    # retried unless only_new; the code version is part of the fingerprint only if asked.
+    new_config: bool = False
+    only_new: bool = False
+    fingerprint_code_version: bool = False
+    max_task_retries: int = 2  # retries of a batch whose actor died (then its rows become error rows)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def compression_for(self, method: str):
+        """The validated `CompressionConfig` of ``method``: the run's settings for the main method, the
+        defaults for the baseline."""
+        from meda_engine.config import CompressionConfig
+
+        if method == self.method:
+            return CompressionConfig(method=method, budget=self.budget, **self.compression)
+        return CompressionConfig(method=method)
 
     def storage_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
@@ -71,7 +114,6 @@ class AnnotateConfig:
         return methods
 
 
-
 def code_version() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
@@ -86,63 +128,203 @@ def code_version() -> str:
 
 
 
+def _validate(cfg: AnnotateConfig) -> None:
+    """Check and normalise every field of ``cfg`` in place; raise ConfigError naming the flag."""
+    from meda_engine.config import METHODS, CompressionConfig, ConfigError
+
+    def fail(name: str, message: str):
+        raise ConfigError(f"{flag(name)}: {message}")
+
+    def whole(name: str, minimum: int, *, optional: bool = False, note: str = "") -> None:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(name, f"must be a whole number >= {minimum}{note}, got {value!r}")
+        if value < minimum:
+            fail(name, f"must be >= {minimum}{note}, got {value}")
+
+    def real(name: str, *, minimum: float | None = None, positive: bool = False, optional: bool = False) -> None:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(name, f"must be a finite number, got {value!r}")
+        if positive and value <= 0:
+            fail(name, f"must be > 0, got {value}")
+        if minimum is not None and value < minimum:
+            fail(name, f"must be >= {minimum:g}, got {value}")
+        setattr(cfg, name, float(value))
+
+    def text(name: str, *, optional: bool = False) -> None:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or not value.strip():
+            fail(name, f"must be a non-empty string, got {value!r}")
+
+    for name in ("input", "output", "model", "prompt"):
+        text(name)
+    for name in ("run_id", "ray_address", "endpoint_url", "region"):
+        text(name, optional=True)
+    if cfg.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.run_id):
+        fail("run_id", f"use letters, digits, '.', '_' and '-' only, got {cfg.run_id!r}")
+
+    # The compression settings: one CompressionConfig, as `meda generate` / `meda serve` build it.
+    if not isinstance(cfg.compression, dict):
+        raise ConfigError(f"compression must be a mapping of CompressionConfig fields, got {cfg.compression!r}")
+    reserved = sorted({"method", "budget"} & set(cfg.compression))
+    if reserved:
+        raise ConfigError(f"compression must not hold {reserved}: those are AnnotateConfig.method / .budget "
+                          f"(--method / --budget)")
+    try:
+        comp = CompressionConfig.from_dict({"method": cfg.method, "budget": cfg.budget, **cfg.compression})
+    except ConfigError as e:
+        raise ConfigError(_flagged(str(e))) from None
+    cfg.budget = comp.budget
+    cfg.compression = {k: v for k, v in comp.to_dict().items() if k not in ("method", "budget")}
+    if not isinstance(cfg.baseline, str) or (cfg.baseline != "none" and cfg.baseline not in METHODS):
+        fail("baseline", f"unknown method {cfg.baseline!r}; choose one of {', '.join(METHODS)}, or 'none'")
+
+    whole("baseline_sample", -1, note=" (-1 = every input)")
+    whole("frames", 1)
+    real("fps", positive=True, optional=True)
+    whole("max_frames", 1)
+    whole("max_pixels_per_frame", 1, optional=True)
+    whole("max_new_tokens", 1)
+    whole("batch_size", 1)
+    whole("num_actors", 1)
+    whole("max_actors", 1, optional=True)
+    if cfg.max_actors is not None and cfg.max_actors < cfg.num_actors:
+        fail("max_actors", f"must be >= --num-actors ({cfg.num_actors}), got {cfg.max_actors}")
+    real("gpus_per_actor", minimum=0)
+    real("cpus_per_actor", minimum=0)
+    real("decode_timeout_s", positive=True)
+    whole("limit", 1, optional=True)
+    if not isinstance(cfg.device, str) or not DEVICE_PATTERN.fullmatch(cfg.device):
+        fail("device", f"must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    if cfg.dtype not in DTYPES:
+        fail("dtype", f"must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.engine not in ENGINES:
+        fail("engine", f"must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    for name in ("anon", "progress", "new_config", "only_new", "fingerprint_code_version"):
+        if hasattr(cfg, name) and not isinstance(getattr(cfg, name), bool):
+            fail(name, f"must be true or false, got {getattr(cfg, name)!r}")
+    if hasattr(cfg, "max_task_retries"):
+        whole("max_task_retries", 0)
+
+
+def _flagged(message: str) -> str:
+    """A CompressionConfig error message, prefixed with the flag of the field it names."""
+    from meda_engine.config import CompressionConfig
+
+    if message.startswith("unknown compression method"):
+        return f"--method: {message}"
+    first = message.split(" ", 1)[0]
+    if first in CompressionConfig.__dataclass_fields__:
+        return f"{flag(first)}: {message}"
+    return message
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says it (or it is None: unset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def add_annotate_args(p: argparse.ArgumentParser) -> None:
-    from meda_engine.cli import add_compression_args
+    from meda_engine.cli_args import add_compression_args
+    from meda_engine.config import METHODS
 
     d = AnnotateConfig()
     p.add_argument("--input", default=d.input, help="prefix of media files (local, s3://, any fsspec URL) or a "
                    "manifest (.parquet/.csv/.jsonl with uri and optional prompt)")
     p.add_argument("--output", default=d.output, help="run directory (local or s3://); rerun to resume")
-    p.add_argument("--model", default=d.model, help="hub id, local checkpoint directory or s3:// prefix")
+    p.add_argument("--model", default=d.model, help="local checkpoint directory (with config.json) or .gguf file, "
+                   "s3:// prefix, or hub id owner/name")
     p.add_argument("--prompt", default=d.prompt, help="prompt for inputs whose manifest row has none")
-    p.add_argument("--baseline", default=d.baseline, help="second method run on a sample for side-by-side ratios, "
-                   "or 'none'")
+    p.add_argument("--baseline", default=d.baseline, choices=(*METHODS, "none"), metavar="METHOD",
+                   help="second method run on a sample for side-by-side ratios, or 'none'")
     p.add_argument("--baseline-sample", type=int, default=d.baseline_sample,
                    help="how many inputs also run the baseline (-1 = all)")
-    p.add_argument("--frames", type=int, default=d.frames, help="frames sampled uniformly per video")
+    p.add_argument("--frames", type=int, default=d.frames, help="frames sampled uniformly per video (>= 1)")
     p.add_argument("--fps", type=float, default=None, help="sample at this rate instead (capped by --max-frames)")
-    p.add_argument("--max-frames", type=int, default=d.max_frames)
-    p.add_argument("--max-pixels-per-frame", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-frames", type=int, default=d.max_frames, help="most frames decoded per video")
+    p.add_argument("--max-pixels-per-frame", type=int, default=None,
+                   help="downscale frames above this many pixels (default: the model's processor setting)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated per input")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="requests per engine call")
     p.add_argument("--num-actors", type=int, default=d.num_actors, help="model actors (minimum of the pool)")
-    p.add_argument("--max-actors", type=int, default=None, help="autoscale the pool up to this many actors")
-    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
-    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
-    p.add_argument("--decode-timeout", type=float, default=d.decode_timeout_s, dest="decode_timeout_s")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--engine", default=d.engine, choices=("real", "fake"), help=argparse.SUPPRESS)
-    p.add_argument("--limit", type=int, default=None, help="only the first N inputs (by clip_id)")
-    p.add_argument("--run-id", default=None)
+    p.add_argument("--max-actors", type=int, default=None,
+                   help="autoscale the pool up to this many actors (default: --num-actors)")
+    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs each model actor holds")
+    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor,
+                   help="CPUs each model actor holds (also its torch threads)")
+    p.add_argument("--decode-timeout", type=float, default=d.decode_timeout_s, dest="decode_timeout_s",
+                   help="seconds allowed to decode one input")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="model weights' dtype")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=int, default=None, help="only the first N inputs (by clip_id) (default: all)")
+    p.add_argument("--run-id", default=None, help="name of the run (default: time + random suffix)")
     p.add_argument("--ray-address", default=None, help="existing cluster (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph, GCS interop)")
-    p.add_argument("--region", default=None)
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint (MinIO, Ceph, GCS interop) (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--region", default=None, help="S3 region (default: botocore's)")
     p.add_argument("--anon", action="store_true", help="anonymous S3 access")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_compression_args(p)
+    # Reruns (pipeline/batch/plan.py)
+    p.add_argument("--new-config", action="store_true", help="rerun an output with another configuration: its "
+                   "rows are written beside the old ones (row ids carry the configuration key) and the run's "
+                   "table and summary hold the new configuration's rows (default: such a rerun is refused)")
+    p.add_argument("--only-new", action="store_true", help="run only (input, method) pairs without any row "
+                   "(default: a rerun also retries error rows and inputs whose bytes changed)")
+    p.add_argument("--fingerprint-code-version", action="store_true", help="make the code version part of the "
+                   "run's configuration fingerprint (a rerun with other code is then refused)")
+    p.add_argument("--max-task-retries", type=int, default=d.max_task_retries, help="retries of a batch whose "
+                   "actor died (crash, OOM kill); after them its inputs become error rows (stage 'worker')")
 
 
 def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
-    extra = {"entropy": args.entropy, "window": args.window, "merge": args.merge, "merge_keys": args.merge_keys,
-             "keep_all_text": args.keep_all_text, "temperature": args.entropy_temperature}
-    fields = set(AnnotateConfig.__dataclass_fields__)
-    kwargs = {k: v for k, v in vars(args).items() if k in fields and k != "compression"}
-    return AnnotateConfig(compression=extra, **kwargs)
+    """The validated AnnotateConfig of parsed flags (ConfigError, naming the flag, if one is wrong).
 
+    The compression settings go through `compression_from_args`, as for `meda generate` / `meda serve`."""
+    from meda_engine.cli_args import compression_from_args
+    from meda_engine.config import ConfigError
 
+    try:
+        comp = compression_from_args(args)
+    except ConfigError as e:
+        raise ConfigError(_flagged(str(e))) from None
+    rest = {k: v for k, v in comp.to_dict().items() if k not in ("method", "budget")}
+    fields = set(AnnotateConfig.__dataclass_fields__) - {"compression", "method", "budget"}
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    return AnnotateConfig(method=comp.method, budget=comp.budget, compression=rest, **kwargs)
 
 
 def add_annotate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("annotate", help="annotate a corpus of videos/images with Ray Data (resumable)",
-                       description=DESCRIPTION)
+                       description=DESCRIPTION, formatter_class=HelpFormatter)
     add_annotate_args(p)
+    p.error = lambda message: _usage_error(p, message)  # one line, exit 2 (not the whole usage)
     p.set_defaults(func=lambda args: _run_cli(args))
     return p
+
+
+def _usage_error(p: argparse.ArgumentParser, message: str):
+    sys.stderr.write(f"{p.prog}: error: {message} (see {p.prog} --help)\n")
+    sys.exit(2)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
     from .job import run
 
+    # ConfigError (flags) and PreflightError (model/input/output, checked first thing in run()) are
+    # ValueErrors: pipeline.cli prints them as one line and returns 2, before Ray starts.
     summary = run(config_from_args(args))
     return 0 if summary["rows"] else 1

@@ -52,6 +52,9 @@ def _init_ray(cfg: AnnotateConfig):
 
 def run(cfg: AnnotateConfig) -> dict[str, Any]:
     """Run (or resume) the job; returns the summary (also written to OUTPUT/summary.json)."""
+    from .preflight import preflight
+
+    cfg = preflight(cfg)  # model / input / output checked (PreflightError) before anything is written
     t_start = time.time()
     manifest, tasks, info = plan_run(cfg)
     print(f"[meda] run {info['run_id']}: {info['n_inputs']} inputs, {info['n_done_before']} rows already written, "
