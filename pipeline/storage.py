@@ -195,16 +195,82 @@ def list_media(prefix_url: str, *, kinds: Iterable[str] = ("video", "image"), **
     with ".", such as macOS "._clip.mp4" resource forks) are skipped. Raises FileNotFoundError when nothing
     exists at the prefix, and ValueError for a single file that is not media.
     """
+    return [e["uri"] for e in list_media_entries(prefix_url, kinds=kinds, **options)]
+
+
+def list_media_entries(
+    prefix_url: str,
+    *,
+    kinds: Iterable[str] = ("video", "image"),
+    unreadable: list[str] | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """`list_media` with what the listing says of each file: ``{uri, source_version}`` (size and ETag or
+    mtime, see `source_version`; None when the listing has neither).
+
+    Directories that cannot be listed (a local subdirectory without read permission) are appended to
+    ``unreadable`` (as URLs) when a list is given, and logged as a warning either way: never silently lost.
+    """
     extensions = set().union(*(KIND_EXTENSIONS[k] for k in kinds))
     fs, path = filesystem_for(prefix_url, **options)
     if fs.isfile(path):
         if not _is_media(path, extensions):
             raise ValueError(f"{prefix_url} is not a media file (known extensions: {sorted(extensions)})")
-        return [_to_url(prefix_url, path)]
-    found = retry(lambda: fs.find(path))
+        return [{"uri": _to_url(prefix_url, path), "source_version": source_version(retry(lambda: fs.info(path)))}]
+    failed: list[str] = []
+    found = _local_find(path, failed) if _is_local(prefix_url) else retry(lambda: fs.find(path, detail=True))
     if not found and not fs.exists(path):
         raise FileNotFoundError(f"nothing at {prefix_url}")
-    return sorted(_to_url(prefix_url, p) for p in found if _is_media(p, extensions))
+    for d in sorted(set(failed)):
+        log.warning("list_media: cannot list %s (its files are left out)", d)
+        if unreadable is not None:
+            unreadable.append(_to_url(prefix_url, str(d)))
+    return [{"uri": _to_url(prefix_url, p), "source_version": source_version(found[p])}
+            for p in sorted(found) if _is_media(p, extensions)]
+
+
+def _local_find(root: str, failed: list[str]) -> dict[str, dict[str, Any]]:
+    """{path: {size, mtime}} of the files under a local directory; directories that cannot be listed go to
+    ``failed`` (fsspec's find drops them silently, even with on_error: its recursion does not pass it on)."""
+    found: dict[str, dict[str, Any]] = {}
+    for d, _, names in os.walk(root, onerror=lambda e: failed.append(e.filename or str(e)), followlinks=True):
+        for name in names:
+            p = os.path.join(d, name)
+            try:
+                st = os.stat(p)
+            except OSError:  # vanished, or a dangling link: the read reports it as that input's error
+                st = None
+            if st is None or not os.path.isdir(p):
+                found[p] = {"size": st.st_size, "mtime": st.st_mtime} if st else {}
+    return found
+
+
+def source_version(info: dict[str, Any] | None) -> str | None:
+    """What a listing (or stat) says of a file's bytes, as one comparable string: ``size=N;etag=E`` where the
+    store gives an ETag (S3), else ``size=N;mtime=T``; None when it says neither. A rerun compares these to
+    find inputs whose bytes changed; it costs no request beyond the listing."""
+    if not info:
+        return None
+    size = info.get("size", info.get("Size"))
+    etag = info.get("ETag") or info.get("etag")
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if etag:
+        return f"size={size};etag={str(etag).strip(chr(34))}"
+    if mtime is not None:
+        mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+        return f"size={size};mtime={mtime:.6f}"
+    return None if size is None else f"size={size}"
+
+
+def _local_version(uri: str) -> str | None:
+    """`source_version` of a local file by stat (cheap), None for remote URLs or a file that cannot be stat'ed."""
+    if not _is_local(uri):
+        return None
+    try:
+        st = os.stat(os.path.expanduser(split_protocol(uri)[1]))
+    except OSError:
+        return None
+    return source_version({"size": st.st_size, "mtime": st.st_mtime})
 
 
 def _is_media(path: str, extensions: set[str]) -> bool:
@@ -320,20 +386,28 @@ def clip_id(uri: str, start: float | None = None, end: float | None = None) -> s
 
 
 def build_manifest(
-    source: str, *, prompt: str | None = None, kinds: Iterable[str] = ("video", "image"), **options: Any
+    source: str,
+    *,
+    prompt: str | None = None,
+    kinds: Iterable[str] = ("video", "image"),
+    unreadable: list[str] | None = None,
+    **options: Any,
 ) -> list[dict[str, Any]]:
-    """The inputs of a run: rows ``{clip_id, uri, prompt, kind, ...}`` without duplicate clip ids.
+    """The inputs of a run: rows ``{clip_id, uri, prompt, kind, source_version, ...}`` without duplicate clip ids.
 
     ``source`` is a manifest (by extension, see `read_manifest`) or a prefix / file to list (`list_media`).
     ``clip_id`` comes from the row if given, else from `clip_id` (with the row's ``start`` / ``end``);
     ``prompt`` from the row, else the ``prompt`` argument; ``kind`` from the row, else from the extension
-    (None when unknown: the reader decides after sniffing the bytes). Order: listing order (sorted) or
-    manifest order; the first of duplicate clip ids wins.
+    (None when unknown: the reader decides after sniffing the bytes). ``source_version`` (size + ETag/mtime,
+    see `source_version`) comes from the listing, or a stat for a manifest's local files, else the row's own
+    column, else None. Order: listing order (sorted) or manifest order; the first of duplicate clip ids wins.
+    A file that cannot be read is still listed (its read fails later, as that input's error row); directories
+    that cannot be listed go to ``unreadable`` (see `list_media_entries`).
     """
     if manifest_format(source):
         rows = read_manifest(source, **options)
     else:
-        rows = [{"uri": uri} for uri in list_media(source, kinds=kinds, **options)]
+        rows = list_media_entries(source, kinds=kinds, unreadable=unreadable, **options)
     out, seen = [], set()
     for row in rows:
         uri = row["uri"]
@@ -341,12 +415,22 @@ def build_manifest(
         if cid in seen:
             continue
         seen.add(cid)
-        fixed = {"clip_id": cid, "uri": uri, "prompt": row.get("prompt") or prompt, "kind": row.get("kind")}
-        fixed["kind"] = fixed["kind"] or sniff_kind(uri)
+        fixed = {"clip_id": cid, "uri": uri, "prompt": row.get("prompt") or prompt, "kind": row.get("kind"),
+                 "source_version": row.get("source_version") or _local_version(uri)}
+        fixed["kind"] = fixed["kind"] or _sniff_kind(uri)
         out.append({**fixed, **{k: v for k, v in row.items() if k not in fixed}})
     if len(out) < len(rows):
         log.info("build_manifest: dropped %d duplicate clip(s) from %s", len(rows) - len(out), source)
     return out
+
+
+def _sniff_kind(uri: str) -> str | None:
+    """`sniff_kind` of a uri; None (decided from the bytes when they are read) for a file that cannot be opened
+    here: an unreadable input is that input's error row, never the whole job's failure."""
+    try:
+        return sniff_kind(uri)
+    except OSError:
+        return None
 
 
 __all__ = [
@@ -355,10 +439,12 @@ __all__ = [
     "filesystem_for",
     "is_transient",
     "list_media",
+    "list_media_entries",
     "manifest_format",
     "normalize_uri",
     "pyarrow_filesystem_for",
     "read_bytes",
     "read_manifest",
     "retry",
+    "source_version",
 ]

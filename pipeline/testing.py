@@ -24,6 +24,7 @@ class FakePrepared:
 
 class FakeEngine:
     FAIL_WORD = "FAIL_PREPARE"  # a prompt containing it fails in prepare, like an over-long prompt
+    KILL_WORD = "KILL_WORKER"  # a prompt containing it kills the worker process, like a segfault or OOM kill
 
     def __init__(self) -> None:
         # Failure hooks for the machine-failure tests (tests/cluster_scenarios.py):
@@ -44,6 +45,8 @@ class FakeEngine:
 
     def generate(self, prepared: list[FakePrepared]) -> list[Result]:
         time.sleep(self.delay_s)
+        if any(self.KILL_WORD in " ".join(str(c) for m in p.request.messages for c in m.content) for p in prepared):
+            os._exit(18)  # this input kills its worker every time (the retry cap's test)
         if self.crash_once:
             try:
                 fd = os.open(self.crash_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -13,7 +13,10 @@ Data flows one way::
 
 Every failure that belongs to one input (unreadable object, corrupt media, a prompt that does not
 fit the context) becomes a row with ``status="error"`` and a reason; the rest of its batch is
-unaffected. Decode and inference have different resources, so Ray never fuses them into one stage.
+unaffected. A batch that kills its actor is retried ``--max-task-retries`` times (Ray Data's default is
+forever), then its rows become ``error_stage="worker"`` rows (the whole batch: Ray cannot say which
+input did it). Reruns (see plan.py): same configuration = resume + retry error rows; another one is
+refused unless ``--new-config``. Decode and inference have different resources, so Ray never fuses them into one stage.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from typing import Any
 
 from .. import storage
 from .config import AnnotateConfig
 from .layout import RunLayout
-from .plan import plan_run
+from .plan import finish_manifest, plan_run, read_done_rows
 from .results import format_summary, summarize
 from .stages import Annotator, decode_media
 
@@ -59,6 +63,8 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     manifest, tasks, info = plan_run(cfg)
     print(f"[meda] run {info['run_id']}: {info['n_inputs']} inputs, {info['n_done_before']} rows already written, "
           f"{info['n_pending']} to do -> {cfg.output}", file=sys.stderr, flush=True)
+    _print_rerun_notes(info)
+    t_plan = time.time()
     stats_text = ""
     if tasks:
         ray = _init_ray(cfg)
@@ -66,6 +72,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
+        ctx.max_errored_blocks = -1  # a failed block loses only its own rows (written below as error rows)
         ds = ray.data.from_items(tasks, override_num_blocks=max(1, -(-len(tasks) // cfg.batch_size)))
         ds = ds.map_batches(
             decode_media,
@@ -74,20 +81,81 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
                            timeout_s=cfg.decode_timeout_s),
             batch_size=cfg.batch_size, num_cpus=1, batch_format="numpy",
         )
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # max_task_retries below
         ds = ds.map_batches(
             Annotator,
             fn_constructor_kwargs=dict(cfg=asdict(cfg), run_id=info["run_id"], version=info["code_version"]),
             compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors, max_size=cfg.max_actors or cfg.num_actors),
             num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size,
             batch_format="numpy",
+            # Ray Data's actor default is max_restarts=-1 AND max_task_retries=-1: an input that kills its
+            # worker (segfault, OOM kill) would be retried forever. Actors may still be replaced (the next
+            # batch deserves a fresh one), but a batch is retried at most max_task_retries times; then its
+            # block fails, is skipped (max_errored_blocks below) and its rows become "worker" error rows.
+            max_restarts=-1, max_task_retries=max(0, int(cfg.max_task_retries)),
         )
         rows_url = RunLayout(cfg.output).rows
         pa_fs, rows_path = storage.pyarrow_filesystem_for(rows_url, **cfg.storage_options())
         ds.write_parquet(rows_path, filesystem=pa_fs)
         stats_text = ds.stats()
-    summary = summarize(cfg, info, time.time() - t_start, stats_text)
     fs, out_root = storage.filesystem_for(cfg.output, **cfg.storage_options())
+    # The listing of OUTPUT/rows that s3fs cached while planning predates the rows Ray's workers just wrote
+    # (reading through it fails with FileNotFoundError): forget it before reading the rows back.
+    fs.invalidate_cache()
+    if tasks:
+        info["n_worker_errors"] = _rows_for_lost_blocks(cfg, info, tasks, t_plan)
+    finish_manifest(manifest, cfg, info.get("stale_clips", ()))
+    summary = summarize(cfg, info, time.time() - t_start, stats_text)
     with fs.open(RunLayout(out_root).summary_json, "w") as f:
         json.dump(summary, f, indent=1, default=str)
     print(format_summary(summary))
     return summary
+
+
+def _print_rerun_notes(info: dict[str, Any]) -> None:
+    notes = []
+    if info.get("n_retried_errors"):
+        notes.append(f"retrying {info['n_retried_errors']} error row(s)")
+    if info.get("n_redone_changed"):
+        notes.append(f"redoing {info['n_redone_changed']} row(s) of {info['n_changed_inputs']} input(s) whose "
+                     f"bytes changed")
+    if info.get("n_errors_kept"):
+        notes.append(f"keeping {info['n_errors_kept']} error row(s) (--only-new)")
+    if info.get("n_partial_moved"):
+        notes.append(f"moved {info['n_partial_moved']} unreadable row file(s) to _partial/")
+    if info.get("n_other_config_rows"):
+        notes.append(f"{info['n_other_config_rows']} row(s) of other configurations kept apart")
+    if notes:
+        print(f"[meda] {'; '.join(notes)}", file=sys.stderr, flush=True)
+
+
+def _rows_for_lost_blocks(cfg: AnnotateConfig, info: dict[str, Any], tasks: list[dict[str, Any]],
+                          t_plan: float) -> int:
+    """Error rows (stage "worker") for the pending tasks that got no row in this run: their block failed in
+    Ray after its retries (a worker killed by the input, a lost node). Returns how many."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from ..schema import empty_row, to_table
+
+    since = dt.datetime.fromtimestamp(t_plan, dt.timezone.utc) - dt.timedelta(seconds=1)
+    existing = read_done_rows(cfg, info["config_key"], info.get("legacy_key"))
+    lost = [t for t in tasks if existing.created.get(t["row_id"]) is None or existing.created[t["row_id"]] < since]
+    if not lost:
+        return 0
+    now = dt.datetime.now(dt.timezone.utc)
+    reason = (f"no row written: its batch failed in Ray after {cfg.max_task_retries} retries (the worker died, "
+              f"e.g. crashed or killed for memory, on this batch); a rerun retries it")
+    rows = [empty_row(row_id=t["row_id"], clip_id=t["clip_id"], uri=t["uri"], kind=t["kind"] or None,
+                      prompt=t["prompt"], expected_answer=t["expected_answer"], method=t["method"], model=cfg.model,
+                      status="error", error_stage="worker", error=reason, run_id=info["run_id"],
+                      code_version=info["code_version"], created_at=now) for t in lost]
+    fs, out_root = storage.filesystem_for(cfg.output, **cfg.storage_options())
+    path = f"{RunLayout(out_root).rows}/worker-errors-{now.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.parquet"
+    with fs.open(path, "wb") as f:
+        pq.write_table(to_table(rows), f)
+    fs.invalidate_cache()
+    print(f"[meda] {len(lost)} row(s) lost with their batch (worker died): written as error rows", file=sys.stderr,
+          flush=True)
+    return len(lost)

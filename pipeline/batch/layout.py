@@ -1,9 +1,9 @@
 """The one owner of a run directory's layout (local path or object-store prefix).
 
     OUTPUT/
-      run.json                      run id, configuration, code version (written when the run starts)
+      run.json                      run id, configuration, its fingerprint and key, code version (see plan.py)
       _manifest/manifest.parquet    the planned inputs
-      rows/*.parquet                result rows, one file per written block
+      rows/*.parquet                result rows, one file per written block; row_id = clip:method:config key
       _partial/...                  unreadable row files (a killed write) moved aside on resume
       summary.json                  counts, throughput, KV savings (written when the run ends)
 
@@ -53,7 +53,11 @@ class RunLayout:
     def summary_json(self) -> str:
         return join(self.output, SUMMARY_JSON)
 
-    @staticmethod
-    def partial_target(path: str) -> str:
-        """Where an unreadable row file at ``path`` is moved aside."""
-        return path.replace("/rows/", "/_partial/", 1)
+    def partial_target(self, path: str) -> str:
+        """Where an unreadable row file at ``path`` (a file under `rows`, spelt as the filesystem of
+        ``output`` spells it) is moved aside: the same relative path under `partial`. Computed relative to
+        this run's rows root, so an output whose own path contains ``/rows/`` stays inside the output."""
+        root = self.rows.rstrip("/") + "/"
+        if not path.startswith(root):
+            raise ValueError(f"{path} is not under the run's rows directory {root}")
+        return join(self.partial, path[len(root):])
