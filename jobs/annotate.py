@@ -18,7 +18,12 @@ from pipeline.annotate import add_annotate_args, config_from_args, run  # noqa: 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="jobs/annotate.py", description="meda annotation job (Ray Data)")
     add_annotate_args(parser)
-    summary = run(config_from_args(parser.parse_args()))
+    args = parser.parse_args()
+    try:
+        summary = run(config_from_args(args))
+    except (ValueError, FileNotFoundError) as e:  # a bad flag, model, input or output: one line, exit 2
+        print(f"jobs/annotate.py: error: {e}", file=sys.stderr)
+        return 2
     return 0 if summary["rows"] else 1
 
 

@@ -17,7 +17,7 @@ from meda_engine.request import Telemetry
 
 # The job's own columns, before and after the engine's telemetry.
 JOB_COLUMNS_HEAD: list[tuple[str, pa.DataType]] = [
-    ("row_id", pa.string()),  # clip_id + ":" + method; unique in a run (the resume key)
+    ("row_id", pa.string()),  # clip_id:method (clip_id:method@config_key after --new-config); the resume key
     ("clip_id", pa.string()),
     ("uri", pa.string()),
     ("kind", pa.string()),  # video | image
@@ -35,6 +35,11 @@ JOB_COLUMNS_HEAD: list[tuple[str, pa.DataType]] = [
 JOB_COLUMNS_TAIL: list[tuple[str, pa.DataType]] = [
     ("batch_id", pa.string()),  # the engine call this row was answered in
     ("batch_infer_s", pa.float64()),  # wall time of that call (prepare + generate), shared by its rows
+    # the model actor's scheduler when the batch ended (continuous batching; null for --batching static)
+    ("engine_peak_running", pa.int32()),  # most rows one of its loops decoded together so far
+    ("engine_peak_kv_bytes", pa.int64()),  # most KV bytes one loop held (measured storage)
+    ("engine_kv_cap_bytes", pa.int64()),  # the actor's KV cap (shared equally by its methods' loops)
+    ("engine_preemptions", pa.int64()),  # 0: the scheduler queues instead of preempting
     ("decode_media_s", pa.float64()),
     ("media_backend", pa.string()),
     ("source_fps", pa.float64()),

@@ -24,7 +24,7 @@ from pipeline.batch import preflight as pf
 from pipeline.batch.config import DEFAULT_INPUT, DEFAULT_MODEL, AnnotateConfig, add_annotate_args, config_from_args
 
 REPO = Path(__file__).resolve().parent.parent
-TIME_LIMIT_S = 3.0
+TIME_LIMIT_S = 6.0  # well under Ray start-up or a model load (10+ s); generous for a loaded 2-core machine
 
 
 def meda(*argv: str, tmp: Path, cwd: Path = REPO, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:

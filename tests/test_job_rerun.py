@@ -242,6 +242,9 @@ def test_a_batch_that_kills_its_worker_becomes_error_rows_not_a_loop(ray_local, 
     out = str(tmp_path / "run")
     summary = run(cfg(input=str(manifest), output=out, batch_size=1, max_task_retries=1))
     df = read_rows(out).set_index("prompt")
-    assert df.loc["fine", "status"] == "ok"
     assert df.loc["KILL_WORKER now", "status"] == "error" and df.loc["KILL_WORKER now", "error_stage"] == "worker"
-    assert summary["status_counts"] == {"ok": 1, "error": 1}
+    # The other batch normally finishes; if Ray had queued it on the same actor when that actor died each
+    # time, it is lost with it and is a "worker" error row too (a rerun retries it) -- never a hang.
+    fine = df.loc["fine"]
+    assert fine["status"] == "ok" or fine["error_stage"] == "worker"
+    assert sum(summary["status_counts"].values()) == 2 and summary["status_counts"].get("error", 0) >= 1

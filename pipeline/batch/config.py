@@ -25,6 +25,7 @@ DESCRIPTION = "The annotation job: manifest -> read + decode (CPU tasks) -> engi
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what Engine.from_pretrained takes
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 ENGINES = ("real", "fake")
+BATCHING = ("continuous", "static")
 # The flag of each AnnotateConfig field (and CompressionConfig field), so a message names what to change.
 FLAGS = {
     "decode_timeout_s": "--decode-timeout", "progress": "--no-progress", "temperature": "--temperature-entropy",
@@ -61,7 +62,15 @@ class AnnotateConfig:
     max_frames: int = 256
     max_pixels_per_frame: int | None = None
     max_new_tokens: int = 64
-    batch_size: int = 8  # requests per engine call
+    batch_size: int = 8  # inputs per Ray Data batch handed to a model actor
+    # The model actor's engine (meda_engine.scheduler): "continuous" streams every batch's requests into
+    # one running batch per method, at most max_num_seqs rows decoding together under the KV cap;
+    # "static" runs each Ray batch as one engine call (the next starts when its slowest row ends).
+    batching: str = "continuous"
+    max_num_seqs: int = 16  # most rows decoding together per method loop
+    kv_cache_memory_bytes: int | None = None  # the actor's KV cap (default: half the device memory free)
+    kv_cache_memory_fraction: float | None = None  # ... or as a fraction of the device's memory
+    batches_in_flight: int = 4  # Ray batches one actor works on at once (continuous batching)
     num_actors: int = 1
     max_actors: int | None = None  # autoscale the actor pool up to this many
     gpus_per_actor: float = 0.0
@@ -193,6 +202,16 @@ def _validate(cfg: AnnotateConfig) -> None:
     whole("max_pixels_per_frame", 1, optional=True)
     whole("max_new_tokens", 1)
     whole("batch_size", 1)
+    if cfg.batching not in BATCHING:
+        fail("batching", f"must be one of {', '.join(BATCHING)}, got {cfg.batching!r}")
+    whole("max_num_seqs", 1)
+    whole("batches_in_flight", 1)
+    whole("kv_cache_memory_bytes", 1, optional=True)
+    real("kv_cache_memory_fraction", positive=True, optional=True)
+    if cfg.kv_cache_memory_fraction is not None and cfg.kv_cache_memory_fraction > 1:
+        fail("kv_cache_memory_fraction", f"must be in (0, 1], got {cfg.kv_cache_memory_fraction}")
+    if cfg.kv_cache_memory_bytes is not None and cfg.kv_cache_memory_fraction is not None:
+        fail("kv_cache_memory_fraction", "give --kv-cache-memory-bytes or --kv-cache-memory-fraction, not both")
     whole("num_actors", 1)
     whole("max_actors", 1, optional=True)
     if cfg.max_actors is not None and cfg.max_actors < cfg.num_actors:
@@ -257,7 +276,18 @@ def add_annotate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels-per-frame", type=int, default=None,
                    help="downscale frames above this many pixels (default: the model's processor setting)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated per input")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="requests per engine call")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="inputs per Ray Data batch sent to a model actor")
+    p.add_argument("--batching", default=d.batching, choices=BATCHING,
+                   help="continuous: requests join the actor's running batch as they arrive (max concurrent rows "
+                        "--max-num-seqs, under the KV cap); static: one engine call per Ray batch")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="most rows decoding together in a model actor, per method (continuous batching)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV-cache cap per model actor, shared by its methods (default: half the memory free)")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help="the KV-cache cap as a fraction of the device's memory")
+    p.add_argument("--batches-in-flight", type=int, default=d.batches_in_flight,
+                   help="Ray batches a model actor works on at once (continuous batching)")
     p.add_argument("--num-actors", type=int, default=d.num_actors, help="model actors (minimum of the pool)")
     p.add_argument("--max-actors", type=int, default=None,
                    help="autoscale the pool up to this many actors (default: --num-actors)")

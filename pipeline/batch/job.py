@@ -7,7 +7,9 @@ Data flows one way::
     inputs (prefix or manifest) --build_manifest--> OUTPUT/_manifest/manifest.parquet
       -> pending (clip, method) tasks (rows already in OUTPUT/rows are skipped: resume)
       -> Ray Data: map_batches(decode_media, num_cpus=1)              CPU tasks, one per block
-      -> map_batches(Annotator, ActorPoolStrategy, num_gpus=g)         one model + engine per actor
+      -> map_batches(Annotator, ActorPoolStrategy, num_gpus=g)         one model + engine per actor;
+                                                                       --batches-in-flight batches per actor
+                                                                       stream into its engine loops
       -> write_parquet(OUTPUT/rows)                                    chunked files, local or s3
       -> OUTPUT/summary.json                                           counts, throughput, KV savings
 
@@ -16,7 +18,9 @@ fit the context) becomes a row with ``status="error"`` and a reason; the rest of
 unaffected. A batch that kills its actor is retried ``--max-task-retries`` times (Ray Data's default is
 forever), then its rows become ``error_stage="worker"`` rows (the whole batch: Ray cannot say which
 input did it). Reruns (see plan.py): same configuration = resume + retry error rows; another one is
-refused unless ``--new-config``. Decode and inference have different resources, so Ray never fuses them into one stage.
+refused unless ``--new-config``. Decode and inference never fuse into one stage: the actor stage's
+remote args (its retry policy) differ from the decode tasks', and Ray Data fuses only equal ones
+(tests/test_job_scheduler.py checks the stage names).
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def _init_ray(cfg: AnnotateConfig):
     return ray
 
 
+def _actor_concurrency(cfg: AnnotateConfig) -> dict[str, Any]:
+    """Continuous batching: several Ray batches run on one actor at once (threads), each streaming its
+    requests into the actor's engine loops, so the engine never drains between batches."""
+    if cfg.batching != "continuous" or cfg.engine == "fake" or cfg.batches_in_flight <= 1:
+        return {}
+    return {"max_concurrent_calls_per_actor": cfg.batches_in_flight, "enable_true_multi_threading": True}
+
+
 def run(cfg: AnnotateConfig) -> dict[str, Any]:
     """Run (or resume) the job; returns the summary (also written to OUTPUT/summary.json)."""
     from .preflight import preflight
@@ -85,7 +97,8 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         ds = ds.map_batches(
             Annotator,
             fn_constructor_kwargs=dict(cfg=asdict(cfg), run_id=info["run_id"], version=info["code_version"]),
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors, max_size=cfg.max_actors or cfg.num_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors, max_size=cfg.max_actors or cfg.num_actors,
+                                               **_actor_concurrency(cfg)),
             num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size,
             batch_format="numpy",
             # Ray Data's actor default is max_restarts=-1 AND max_task_retries=-1: an input that kills its
@@ -152,7 +165,9 @@ def _rows_for_lost_blocks(cfg: AnnotateConfig, info: dict[str, Any], tasks: list
                       status="error", error_stage="worker", error=reason, run_id=info["run_id"],
                       code_version=info["code_version"], created_at=now) for t in lost]
     fs, out_root = storage.filesystem_for(cfg.output, **cfg.storage_options())
-    path = f"{RunLayout(out_root).rows}/worker-errors-{now.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.parquet"
+    rows_dir = RunLayout(out_root).rows
+    fs.makedirs(rows_dir, exist_ok=True)  # every block may have been lost: nothing else created it
+    path = f"{rows_dir}/worker-errors-{now.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.parquet"
     with fs.open(path, "wb") as f:
         pq.write_table(to_table(rows), f)
     fs.invalidate_cache()

@@ -250,6 +250,9 @@ def plan_run(cfg: AnnotateConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
                 # per-input sampling from the manifest (columns `fps` / `frames`), else the run's
                 "sample_fps": float(item["fps"]) if item.get("fps") not in (None, "") else (cfg.fps or 0.0),
                 "sample_frames": int(item["frames"]) if item.get("frames") not in (None, "") else cfg.frames,
+                # per-input answer length (column `max_new_tokens`), else the run's
+                "max_new_tokens": (int(item["max_new_tokens"]) if item.get("max_new_tokens") not in (None, "")
+                                   else cfg.max_new_tokens),
             })
 
     fs.makedirs(out_root, exist_ok=True)

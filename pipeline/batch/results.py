@@ -85,11 +85,26 @@ def summarize(cfg: AnnotateConfig, info: dict[str, Any], wall_s: float, stats_te
         "code_version": info["code_version"],
         "ray_data_stats": str(stats_text),
     }
+    engine = _engine_figures(df)
+    if engine:
+        summary["engine"] = engine
     main_m, base_m = per_method.get(cfg.method), per_method.get(cfg.baseline)
     if main_m and base_m:
         paired = _paired_ratios(df, cfg.method, cfg.baseline)
         summary["vs_baseline"] = paired
     return summary
+
+
+def _engine_figures(df) -> dict[str, Any]:
+    """The model actors' schedulers over the run (continuous batching): the most rows one loop
+    decoded together, the most KV bytes it held against its cap, preemptions. Empty without them."""
+    if "engine_peak_running" not in df or df.engine_peak_running.isna().all():
+        return {}
+    seen = df[df.engine_peak_running.notna()]
+    return {"peak_running": int(seen.engine_peak_running.max()),
+            "peak_kv_bytes": int(seen.engine_peak_kv_bytes.max()),
+            "kv_cap_bytes": int(seen.engine_kv_cap_bytes.max()),
+            "preemptions": int(seen.engine_preemptions.max())}
 
 
 def _paired_ratios(df, method: str, baseline: str) -> dict[str, Any]:
@@ -147,6 +162,11 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{vs['kv_memory_saved']:.1%}, decode speed-up {sp}, same answer {vs['agreement']:.1%}")
     lines.append("TPOT: time per output token, median over the rows that ran a decode step; "
                  "decode tok/s = 1 / TPOT")
+    if s.get("engine"):
+        e = s["engine"]
+        lines.append(f"engine (per actor): up to {e['peak_running']} rows decoding together, KV peak "
+                     f"{e['peak_kv_bytes'] / 2**20:.1f} MiB of a {e['kv_cap_bytes'] / 2**20:.0f} MiB cap, "
+                     f"{e['preemptions']} preemptions")
     lines.append(f"wall {s['wall_s']:.1f}s for {s['rows_this_run']} new rows")
     return "\n".join(lines)
 

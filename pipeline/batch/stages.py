@@ -102,6 +102,37 @@ class Annotator:
             self.engine = Engine.from_pretrained(self.cfg.model, device=device, dtype=self.cfg.dtype,
                                                  max_pixels_per_frame=self.cfg.max_pixels_per_frame)
         self.node = socket.gethostname()
+        self.loops = self._start_loops() if self.cfg.engine != "fake" and self.cfg.batching == "continuous" else {}
+
+    def _start_loops(self) -> dict[str, Any]:
+        """One continuous-batching `EngineLoop` per method of the run, sharing the actor's KV cap
+        equally. Requests of every Ray batch in flight on this actor join their method's running
+        batch as they arrive; finished rows leave at once. Steps of different loops are serialised
+        by the engine, so a decode step holds one method's rows only and each row's time per output
+        token stays that method's own (the baseline comparison stays meaningful)."""
+        from meda_engine.scheduler import EngineLoop, _default_cap, device_memory_bytes
+
+        cfg = self.cfg
+        methods = list(dict.fromkeys(m for m in (cfg.method, cfg.baseline) if m != "none"))
+        if cfg.kv_cache_memory_bytes is not None:
+            cap = int(cfg.kv_cache_memory_bytes)
+        elif cfg.kv_cache_memory_fraction is not None:
+            cap = int(device_memory_bytes(self.engine.device) * cfg.kv_cache_memory_fraction)
+        else:
+            cap = _default_cap(self.engine.device)
+        return {m: EngineLoop(self.engine, max_num_seqs=cfg.max_num_seqs, kv_cache_memory_bytes=max(1, cap // len(methods)))
+                for m in methods}
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The actor's scheduler figures, summed over its loops (peaks: the largest loop's)."""
+        stats = [loop.stats().to_dict() for loop in self.loops.values()]
+        if not stats:
+            return {}
+        total = {k: sum(s[k] for s in stats) for k in ("kv_cache_memory_bytes", "preemptions", "admitted", "finished",
+                                                        "failed", "cancelled")}
+        total.update(peak_running=max(s["peak_running"] for s in stats),
+                     peak_kv_bytes_in_use=max(s["peak_kv_bytes_in_use"] for s in stats))
+        return total
 
     def compression(self, method: str):
         from meda_engine import CompressionConfig
@@ -114,8 +145,20 @@ class Annotator:
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["row_id"])
         rows = [self._base_row(batch, i) for i in range(n)]
-        # One engine call per method: a batch that mixes methods would share one decode loop, and the
-        # per-method latency figures (and the full-cache comparison) would be meaningless.
+        t0 = time.perf_counter()
+        if self.loops:
+            # Continuous batching: every request of this batch joins its method's running batch now
+            # (other Ray batches on this actor run concurrently, so the engine never drains between them).
+            prepared, where = self._prepare(batch, rows, list(range(n)))
+            for i, result in zip(where, self._generate_continuous(prepared, rows, where)):
+                if result is not None:
+                    self._fill(rows[i], result)
+            batch_id, infer_s = uuid.uuid4().hex[:12], time.perf_counter() - t0
+            for row in rows:
+                row.update(batch_id=batch_id, batch_infer_s=infer_s, **_engine_columns(self.engine_stats()))
+            return to_table(rows)
+        # Static batching (--batching static, and the fake engine): one engine call per method, so a
+        # decode step never mixes methods and the per-method latency figures stay meaningful.
         for method in dict.fromkeys(r["method"] for r in rows):
             group = [i for i in range(n) if rows[i]["method"] == method]
             t0 = time.perf_counter()
@@ -139,7 +182,8 @@ class Annotator:
                 continue
             try:
                 frames = unpack_frames(batch["frames"][i])
-                gen = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens)
+                per_input = _value(batch["max_new_tokens"][i]) if "max_new_tokens" in batch else None
+                gen = GenerationConfig(max_new_tokens=int(per_input or self.cfg.max_new_tokens))
                 comp = self.compression(rows[i]["method"])
                 if rows[i]["kind"] == "image":
                     req = Request(prompt=rows[i]["prompt"], images=[frames[0]], generation=gen, compression=comp)
@@ -153,18 +197,42 @@ class Annotator:
                 self._fail(rows[i], "prepare", e)
         return prepared, where
 
+    def _generate_continuous(self, prepared, rows, where):
+        """Submit each request to its method's loop, then wait for all: a request that fails (or can
+        never fit the KV cap) becomes its own error row; the others finish."""
+        handles = []
+        for p, i in zip(prepared, where):
+            try:
+                handles.append(self.loops[rows[i]["method"]].submit(p))
+            except Exception as e:  # noqa: BLE001 - e.g. RequestTooLarge
+                self._fail(rows[i], "generate", e)
+                handles.append(None)
+        results = []
+        for handle, i in zip(handles, where):
+            if handle is None:
+                results.append(None)
+                continue
+            try:
+                results.append(handle.result())
+            except Exception as e:  # noqa: BLE001
+                self._fail(rows[i], "generate", e)
+                results.append(None)
+        return results
+
     def _generate(self, prepared, rows, where):
-        """One engine call for the group; if it fails, each request alone, so one bad input cannot
-        take the others down."""
+        """One engine call for the group (a fixed batch: the next Ray batch starts only when this one's
+        slowest row has finished); if it fails, each request alone, so one bad input cannot take the
+        others down."""
         if not prepared:
             return []
+        run = self.engine.generate
         try:
-            return self.engine.generate(prepared)
+            return run(prepared)
         except Exception:  # noqa: BLE001
             results = []
             for p, i in zip(prepared, where):
                 try:
-                    results.append(self.engine.generate([p])[0])
+                    results.append(run([p])[0])
                 except Exception as e:  # noqa: BLE001
                     self._fail(rows[i], "generate", e)
                     results.append(None)
@@ -198,6 +266,14 @@ class Annotator:
         row.update(telemetry_values(result.telemetry), text=result.text, finish_reason=result.finish_reason)
         if row["expected_answer"] is not None:
             row["correct"] = normalise_answer(result.text) == normalise_answer(row["expected_answer"])
+
+
+def _engine_columns(stats: dict[str, Any]) -> dict[str, Any]:
+    """The actor's scheduler figures as the row's ``engine_*`` columns (pipeline.schema)."""
+    if not stats:
+        return {}
+    return {"engine_peak_running": stats["peak_running"], "engine_peak_kv_bytes": stats["peak_kv_bytes_in_use"],
+            "engine_kv_cap_bytes": stats["kv_cache_memory_bytes"], "engine_preemptions": stats["preemptions"]}
 
 
 def _value(x: Any) -> Any:
