@@ -9,6 +9,7 @@ Markdown table ``<suite>.md``; ``python -m benchmarks.report`` turns them into `
 * ``peers``         transformers' own decode and NVIDIA kvpress (its own environment) vs ours
 * ``quality``       accuracy vs KV budget of the trained needle models, every method and protocol
 * ``scheduler``     continuous vs static batching tokens/s; rows and tokens/s under a KV cap, full vs meda
+* ``serve_load``    the endpoint under 16 streaming clients: engine loop vs the former @serve.batch replica
 * ``pipeline``      clips/s through Ray Data vs the engine alone, decode vs inference time, actor busy time
 * ``report``        regenerate docs/benchmarks.md and the plots from the results
 
@@ -22,7 +23,7 @@ import argparse
 import importlib
 import os
 
-SUITES = ("decode", "fixed_memory", "prefill", "peers", "quality", "pipeline", "scheduler", "report")
+SUITES = ("decode", "fixed_memory", "prefill", "peers", "quality", "pipeline", "scheduler", "serve_load", "report")
 
 
 def run_suite(suite: str, argv: list[str]) -> int:

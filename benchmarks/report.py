@@ -16,7 +16,7 @@ from . import common
 from .common import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE_ORDER = ("decode", "fixed_memory", "prefill", "peers", "pipeline", "scheduler")
+SUITE_ORDER = ("decode", "fixed_memory", "prefill", "peers", "pipeline", "scheduler", "serve_load")
 
 
 def parse_args(argv):
@@ -191,6 +191,10 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                      + (", end to end met" if meda["tokens_per_s_vs_full"] >= 2 else ", end to end not met"),
                      f"rows {meda['peak_rows_vs_full']:.2f}x peak, {meda['mean_rows_vs_full']:.2f}x mean; decode "
                      f"tok/s {meda['decode_tokens_per_s_vs_full']:.2f}x; end to end {meda['tokens_per_s_vs_full']:.2f}x"))
+    # 9. serve_load: the endpoint under streaming clients, engine loop vs the former @serve.batch replica
+    from .serve_load import target_rows
+
+    rows += target_rows(data.get("serve_load", {}).get("records", []))
     return rows
 
 

@@ -150,3 +150,23 @@ def test_quality(tmp_path):
     (out / "quality.md").unlink()
     assert run_suite("quality", ["--render-only", "--out-dir", str(out)]) == 0
     assert (out / "quality.md").read_text() == md
+
+
+def test_serve_load(tmp_path):
+    """Both apps (engine loop and the former @serve.batch replica) on a local Ray, 2 streaming clients over
+    real HTTP, the tiny model: every request answered with max_tokens tokens, the same text on both sides."""
+    assert run_suite("serve_load", ["--model", "tiny", "--clients", "2", "--requests-per-client", "1",
+                                    "--min-tokens", "3", "--max-tokens", "5", "--out-dir", str(tmp_path),
+                                    "--fresh"]) == 0
+    data = json.loads((tmp_path / "serve_load.json").read_text())
+    assert (tmp_path / "serve_load.md").read_text().startswith("# serve_load")
+    assert data["runs"][-1]["command"].startswith("python -m benchmarks.serve_load")
+    recs = {r["side"]: r for r in data["records"]}
+    assert set(recs) == {"new", "old"}
+    for r in recs.values():
+        assert r["requests_ok"] == r["requests_planned"] == 2 and r["n_errors"] == 0
+        assert r["all_reached_max_tokens"] and r["usage_equals_content_chunks"]
+        assert 3 * 2 <= r["completion_tokens"] <= 5 * 2 and _pos(r["tokens_per_s"]) and _pos(r["ttft_p50_s"])
+        assert r["ttft_p50_s"] <= r["latency_p50_s"] and len(r["requests"]) == 2
+        assert r["same_text_as_other_side"] == 1.0
+        assert _pos(r["ttft_p50_new_over_old"]) and _pos(r["tokens_per_s_new_over_old"])
