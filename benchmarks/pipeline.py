@@ -11,6 +11,15 @@ Both sides answer the same MP4 clips with the same model, method, budget and eng
 
 Also reported: the time the pipeline spent in media decode vs inference (summed over rows / engine
 calls) and the fraction of the pipeline's wall time the model actor was busy.
+
+``--experiment batching`` compares the job's two batching modes on a corpus whose answers vary in
+length (a manifest column ``max_new_tokens`` drawn uniformly from ``--min-new-tokens`` to
+``--max-new-tokens`` per clip), same model, method, budget and row cap (``--max-num-seqs`` =
+``--batch-size``): ``static`` (each Ray batch one engine call; the next starts when its slowest row
+ends) vs ``continuous`` (every batch's requests stream into the actor's engine loop, up to
+``--batches-in-flight`` batches at once). Target: continuous >= 1.2x clips/s.
+
+    python -m benchmarks.pipeline --experiment batching --clips 48 --min-new-tokens 4 --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -37,6 +46,10 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--ray-cpus", type=int, default=4, help="CPUs the local Ray advertises")
+    p.add_argument("--experiment", default="alone", choices=("alone", "batching"),
+                   help="alone: pipeline vs engine alone; batching: the job's continuous vs static batching")
+    p.add_argument("--min-new-tokens", type=int, default=4, help="batching: shortest answer (per-clip max_new_tokens)")
+    p.add_argument("--batches-in-flight", type=int, default=4, help="batching: Ray batches per actor at once")
     return p.parse_args(argv)
 
 
@@ -101,7 +114,7 @@ def engine_alone(checkpoint: str, rows, args) -> dict[str, Any]:
             "clips_per_s_with_decode": len(reqs) / (infer_s + decode_s)}
 
 
-def pipeline_run(checkpoint: str, manifest: Path, out: Path, args) -> dict[str, Any]:
+def pipeline_run(checkpoint: str, manifest: Path, out: Path, args, *, batching: str = "continuous") -> dict[str, Any]:
     import ray
 
     from pipeline.annotate import AnnotateConfig, read_rows, run
@@ -109,7 +122,8 @@ def pipeline_run(checkpoint: str, manifest: Path, out: Path, args) -> dict[str, 
     cfg = AnnotateConfig(input=str(manifest), output=str(out), model=checkpoint, method=args.method,
                          budget=args.budget, baseline="none", frames=args.frames, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, device="cpu", dtype="float32", progress=False,
-                         cpus_per_actor=args.threads)
+                         cpus_per_actor=args.threads, batching=batching, max_num_seqs=args.batch_size,
+                         batches_in_flight=getattr(args, "batches_in_flight", 4))
     if not ray.is_initialized():
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
@@ -117,7 +131,10 @@ def pipeline_run(checkpoint: str, manifest: Path, out: Path, args) -> dict[str, 
     wall = time.perf_counter() - t0
     df = read_rows(str(out))
     ok = df[df.status == "ok"]
-    busy = float(df.drop_duplicates("batch_id").batch_infer_s.sum())
+    # Busy time: the union of the actor's engine-call intervals (calls overlap under continuous batching).
+    calls = df.drop_duplicates("batch_id")
+    starts = [t.timestamp() for t in calls.created_at]  # a row's created_at is taken when its call starts
+    busy = _union_length([(a, a + d) for a, d in zip(starts, calls.batch_infer_s)])
     # Steady state: rows finished after the first engine call, over the time since it finished (excludes
     # Ray Data start-up and the actor's model load, which a long job pays once).
     done = df.sort_values("created_at")
@@ -126,13 +143,43 @@ def pipeline_run(checkpoint: str, manifest: Path, out: Path, args) -> dict[str, 
     span = (later.created_at.max() - first.created_at).total_seconds() if len(later) else 0.0
     steady = len(later) / span if span > 0 else None
     return {"wall_s": wall, "rows": int(len(df)), "ok": int(len(ok)), "clips_per_s": len(df) / wall,
+            "generated_tokens": int(ok.n_generated_tokens.sum()),
+            "engine": summary.get("engine"),
             "clips_per_s_steady": steady,
             "media_decode_s": float(df.decode_media_s.sum()), "inference_s": busy,
             "actor_busy_fraction": busy / wall, "summary_wall_s": summary["wall_s"]}
 
 
+def batching_runs(checkpoint: str, rows, corpus_dir: Path, tmp: Path, args) -> dict[str, Any]:
+    """The same corpus (answers of varied length) through the job twice: static, then continuous."""
+    import random
+
+    rng = random.Random(args.seed)
+    for r in rows:
+        r["max_new_tokens"] = rng.randint(args.min_new_tokens, args.max_new_tokens)
+    manifest = corpus_dir / "manifest-varied.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = {}
+    for mode in ("static", "continuous"):
+        out[mode] = pipeline_run(checkpoint, manifest, tmp / f"run-{mode}", args, batching=mode)
+        common.log(f"[pipeline] {mode}: {out[mode]['clips_per_s']:.3f} clips/s "
+                   f"({out[mode]['generated_tokens']} tokens)")
+    return out
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.experiment == "batching":
+        return main_batching(args, argv)
     common.set_threads(args.threads)
     t_start = time.time()
     run = {"command": common.command_line("pipeline", argv),
@@ -157,7 +204,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main_batching(args, argv) -> int:
+    common.set_threads(args.threads)
+    t_start = time.time()
+    run = {"command": common.command_line("pipeline", argv),
+           "machine": common.machine_info(args.threads, bandwidth=False)}
+    with tempfile.TemporaryDirectory(prefix="meda-bench-pipeline") as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint.startswith("random:"):
+            checkpoint = random_vlm_checkpoint(checkpoint.split(":", 1)[1], Path(tmp) / "model", args.seed)
+        rows = make_corpus(Path(tmp) / "corpus", args.clips, args.clip_frames, args.seed)
+        runs = batching_runs(checkpoint, rows, Path(tmp) / "corpus", Path(tmp), args)
+    s, c = runs["static"], runs["continuous"]
+    record = {"experiment": "batching", "checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames,
+              "batch_size": args.batch_size, "method": args.method, "budget": args.budget,
+              "new_tokens": [args.min_new_tokens, args.max_new_tokens], "batches_in_flight": args.batches_in_flight,
+              "static": s, "continuous": c,
+              "continuous_vs_static": c["clips_per_s"] / s["clips_per_s"],
+              "continuous_vs_static_steady": ((c["clips_per_s_steady"] or 0.0) / s["clips_per_s_steady"]
+                                              if s["clips_per_s_steady"] else None),
+              "same_tokens": s["generated_tokens"] == c["generated_tokens"]}
+    run["wall_s"] = time.time() - t_start
+    run["load_average_at_end"] = common.load_average()
+    common.write_results("pipeline", args.out_dir, run, [record], ("experiment", "checkpoint", "clips", "frames",
+                                                                   "batch_size", "method", "budget"),
+                         to_markdown, fresh=args.fresh)
+    return 0
+
+
 def to_markdown(data: dict[str, Any]) -> str:
+    batching = [r for r in data["records"] if r.get("experiment") == "batching"]
+    data = {**data, "records": [r for r in data["records"] if r.get("experiment") != "batching"]}
     rows = []
     for r in data["records"]:
         a, p = r["engine_alone"], r["pipeline"]
@@ -169,7 +246,24 @@ def to_markdown(data: dict[str, Any]) -> str:
     headers = ["clips", "frames", "batch", "method", "engine alone clips/s", "pipeline clips/s (whole job)",
                "whole job / engine", "pipeline clips/s (steady)", "steady / engine", "decode s (alone)", "media decode s (pipeline, summed)",
                "inference s (pipeline)", "actor busy fraction"]
-    return "\n".join(["# pipeline", "", common.runs_markdown(data), "", common.md_table(headers, rows), ""])
+    parts = ["# pipeline", "", common.runs_markdown(data), ""]
+    if rows:
+        parts += [common.md_table(headers, rows), ""]
+    if batching:
+        brows = []
+        for r in batching:
+            for mode in ("static", "continuous"):
+                p = r[mode]
+                brows.append([r["clips"], f"{r['new_tokens'][0]}-{r['new_tokens'][1]}", r["batch_size"],
+                              f"{r['method']}@{r['budget']}", mode, p["generated_tokens"], round(p["wall_s"], 1),
+                              round(p["clips_per_s"], 3), round(p["actor_busy_fraction"], 3),
+                              (p.get("engine") or {}).get("peak_running", "-"),
+                              round(r["continuous_vs_static"], 3) if mode == "continuous" else "-"])
+        parts += ["## batching: continuous vs static (answers of varied length)", "",
+                  common.md_table(["clips", "new tokens", "batch = row cap", "method", "batching", "tokens",
+                                   "wall s", "clips/s (whole job)", "actor busy",
+                                   "peak rows", "continuous / static"], brows), ""]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
