@@ -414,7 +414,7 @@ def test_cluster_recipe_with_the_key_on_the_launching_side_only(checkpoint, tmp_
         r = requests.post(f"{base}/v1/chat/completions", json=chat, headers=auth, timeout=60)
         assert r.status_code == 200, r.text
         serve_proc.send_signal(signal.SIGINT)
-        out = serve_proc.communicate(timeout=60)[0]
+        out = serve_proc.communicate(timeout=180)[0]  # deleting the app waits for its replicas to stop
         assert serve_proc.returncode == 0 and "Traceback" not in out, out[-3000:]
         assert "deleted the application" in out
         assert _wait_for(lambda: requests.get(f"{base}/health", timeout=2).status_code != 200, 30) or True
