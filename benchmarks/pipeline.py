@@ -167,6 +167,14 @@ def batching_runs(checkpoint: str, rows, corpus_dir: Path, tmp: Path, args) -> d
     return out
 
 
+def model_and_corpus(tmp: Path, args) -> tuple[str, list[dict[str, Any]]]:
+    """The checkpoint (``random:SHAPE`` is built under ``tmp``) and the generated corpus."""
+    checkpoint = args.checkpoint
+    if checkpoint.startswith("random:"):
+        checkpoint = random_vlm_checkpoint(checkpoint.split(":", 1)[1], tmp / "model", args.seed)
+    return checkpoint, make_corpus(tmp / "corpus", args.clips, args.clip_frames, args.seed)
+
+
 def _union_length(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
@@ -185,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {"command": common.command_line("pipeline", argv),
            "machine": common.machine_info(args.threads, bandwidth=False)}
     with tempfile.TemporaryDirectory(prefix="meda-bench-pipeline") as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint.startswith("random:"):
-            checkpoint = random_vlm_checkpoint(checkpoint.split(":", 1)[1], Path(tmp) / "model", args.seed)
-        rows = make_corpus(Path(tmp) / "corpus", args.clips, args.clip_frames, args.seed)
+        checkpoint, rows = model_and_corpus(Path(tmp), args)
         alone = engine_alone(checkpoint, rows, args)
         common.log(f"[pipeline] engine alone: {alone['clips_per_s']:.2f} clips/s")
         piped = pipeline_run(checkpoint, Path(tmp) / "corpus" / "manifest.jsonl", Path(tmp) / "run", args)
@@ -210,10 +215,7 @@ def main_batching(args, argv) -> int:
     run = {"command": common.command_line("pipeline", argv),
            "machine": common.machine_info(args.threads, bandwidth=False)}
     with tempfile.TemporaryDirectory(prefix="meda-bench-pipeline") as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint.startswith("random:"):
-            checkpoint = random_vlm_checkpoint(checkpoint.split(":", 1)[1], Path(tmp) / "model", args.seed)
-        rows = make_corpus(Path(tmp) / "corpus", args.clips, args.clip_frames, args.seed)
+        checkpoint, rows = model_and_corpus(Path(tmp), args)
         runs = batching_runs(checkpoint, rows, Path(tmp) / "corpus", Path(tmp), args)
     s, c = runs["static"], runs["continuous"]
     record = {"experiment": "batching", "checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames,

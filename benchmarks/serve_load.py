@@ -238,27 +238,10 @@ def new_app(sargs: dict[str, Any]):
 
 def old_app(sargs: dict[str, Any], batch_wait_timeout_s: float):
     """`StaticBatchModel` behind the same `MedaIngress`, with the deployment options app_builder gives
-    `MedaModel` (named ``MedaModel`` so the ingress's status check finds it the same way)."""
-    from pipeline.serve.app import build_settings
-    from pipeline.serve.ingress import MedaIngress
+    `MedaModel` (deployed as ``MedaModel`` so the ingress's status check finds it the same way)."""
+    from pipeline.serve.app import build_app
 
-    s, keys = build_settings(sargs)
-    settings = {**s.model_dump(), "api_keys": [], "api_key_env": None, "require_api_key": False}
-    model = StaticBatchModel.options(
-        name="MedaModel",
-        ray_actor_options={"num_gpus": s.num_gpus, "num_cpus": s.num_cpus},
-        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "target_ongoing_requests": s.autoscaling_target,
-                            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
-        max_ongoing_requests=2 * s.max_num_seqs,  # the former app's value too (a batch running, one filling)
-    ).bind(settings, batch_wait_timeout_s)
-    return MedaIngress.options(
-        ray_actor_options={"num_cpus": s.ingress_num_cpus},
-        autoscaling_config={"min_replicas": s.ingress_min_replicas, "max_replicas": s.ingress_max_replicas,
-                            "target_ongoing_requests": max(1, s.ingress_max_ongoing_requests // 2),
-                            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
-        max_ongoing_requests=s.ingress_max_ongoing_requests,
-    ).bind(model, settings, keys)
+    return build_app(sargs, StaticBatchModel, batch_wait_timeout_s)
 
 
 def build_checkpoint(shape: str, directory: Path, seed: int) -> dict[str, Any]:

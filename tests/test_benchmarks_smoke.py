@@ -170,3 +170,30 @@ def test_serve_load(tmp_path):
         assert r["ttft_p50_s"] <= r["latency_p50_s"] and len(r["requests"]) == 2
         assert r["same_text_as_other_side"] == 1.0
         assert _pos(r["ttft_p50_new_over_old"]) and _pos(r["tokens_per_s_new_over_old"])
+
+
+def test_planning(tmp_path):
+    """The planning suite's plan case on a small manifest: a record with seconds, peak RSS and the task count."""
+    assert run_suite("planning", ["--entries", "300", "--cases", "plan", "--no-resume", "--out-dir", str(tmp_path),
+                                  "--fresh", "--label", "smoke"]) == 0
+    data = json.loads((tmp_path / "planning.json").read_text())
+    assert (tmp_path / "planning.md").read_text().startswith("# planning")
+    (rec,) = data["records"]
+    assert rec["case"] == "plan" and rec["state"] == "fresh" and rec["n_inputs"] == 300
+    assert rec["n_pending"] == 300 + 32 and _pos(rec["seconds"]) and rec["peak_rss_bytes"] > 0
+
+
+def test_pipeline_batching(tmp_path):
+    """The job's continuous vs static batching on a tiny random VLM: both runs answer every clip with the
+    same tokens, and the record has the ratio."""
+    assert run_suite("pipeline", ["--experiment", "batching", "--checkpoint", "random:tiny", "--clips", "4",
+                                  "--clip-frames", "8", "--frames", "2", "--batch-size", "2", "--min-new-tokens", "2",
+                                  "--max-new-tokens", "6", "--out-dir", str(tmp_path), "--fresh"]) == 0
+    data = json.loads((tmp_path / "pipeline.json").read_text())
+    (rec,) = data["records"]
+    assert rec["experiment"] == "batching" and rec["same_tokens"]
+    for mode in ("static", "continuous"):
+        assert rec[mode]["rows"] == rec[mode]["ok"] == 4 and _pos(rec[mode]["clips_per_s"])
+    assert rec["continuous"]["engine"]["preemptions"] == 0 and rec["static"]["engine"] is None
+    assert _pos(rec["continuous_vs_static"])
+    assert "## batching" in (tmp_path / "pipeline.md").read_text()

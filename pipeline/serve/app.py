@@ -44,17 +44,26 @@ def build_settings(args: dict[str, Any]) -> tuple[ServeSettings, APIKeys]:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The Serve application for ``args`` (see `ServeSettings`)."""
+    return build_app(args, MedaModel)
+
+
+def build_app(args: dict[str, Any], model_deployment: Any = MedaModel, *model_args: Any) -> serve.Application:
+    """``model_deployment`` (bound to the replicas' settings and ``model_args``) behind `MedaIngress`, with
+    the deployment options the settings give. `app_builder` passes `MedaModel`; a benchmark may pass
+    another deployment with the same methods (it is deployed under the name ``MedaModel``, which the
+    ingress's status check looks for)."""
     s, keys = build_settings(args)
     # the replicas get the keys as an argument only; the settings they see name none
     settings = {**s.model_dump(), "api_keys": [], "api_key_env": None, "require_api_key": False}
-    model = MedaModel.options(
+    model = model_deployment.options(
+        name="MedaModel",
         ray_actor_options={"num_gpus": s.num_gpus, "num_cpus": s.num_cpus},
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.autoscaling_target,
                             "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
         # the engine loop's rows plus as many waiting in its queue
         max_ongoing_requests=2 * s.max_num_seqs,
-    ).bind(settings)
+    ).bind(settings, *model_args)
     return MedaIngress.options(
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
         autoscaling_config={"min_replicas": s.ingress_min_replicas, "max_replicas": s.ingress_max_replicas,
