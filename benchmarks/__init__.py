@@ -11,6 +11,7 @@ Markdown table ``<suite>.md``; ``python -m benchmarks.report`` turns them into `
 * ``scheduler``     continuous vs static batching tokens/s; rows and tokens/s under a KV cap, full vs meda
 * ``serve_load``    the endpoint under 16 streaming clients: engine loop vs the former @serve.batch replica
 * ``pipeline``      clips/s through Ray Data vs the engine alone, decode vs inference time, actor busy time
+* ``planning``      planning and starting a job over a 1M-entry manifest, and its half-done resume: seconds, driver RSS
 * ``report``        regenerate docs/benchmarks.md and the plots from the results
 
 Every suite takes ``--threads`` (default 1: with another process on the second core, 2 threads ran
@@ -23,7 +24,8 @@ import argparse
 import importlib
 import os
 
-SUITES = ("decode", "fixed_memory", "prefill", "peers", "quality", "pipeline", "scheduler", "serve_load", "report")
+SUITES = ("decode", "fixed_memory", "prefill", "peers", "quality", "pipeline", "planning", "scheduler", "serve_load",
+          "report")
 
 
 def run_suite(suite: str, argv: list[str]) -> int:

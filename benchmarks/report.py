@@ -16,7 +16,7 @@ from . import common
 from .common import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE_ORDER = ("decode", "fixed_memory", "prefill", "peers", "pipeline", "scheduler", "serve_load")
+SUITE_ORDER = ("decode", "fixed_memory", "prefill", "peers", "pipeline", "planning", "scheduler", "serve_load")
 
 
 def parse_args(argv):
@@ -201,6 +201,10 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     from .serve_load import target_rows
 
     rows += target_rows(data.get("serve_load", {}).get("records", []))
+    # 10. planning: a 1M-entry manifest planned and started, and its half-done resume
+    from .planning import target_rows as planning_rows
+
+    rows += planning_rows(data.get("planning", {}).get("records", []))
     return rows
 
 
