@@ -16,7 +16,8 @@ Data flows one way::
 Every failure that belongs to one input (unreadable object, corrupt media, a prompt that does not
 fit the context) becomes a row with ``status="error"`` and a reason; the rest of its batch is
 unaffected. A batch that kills its actor is retried ``--max-task-retries`` times (Ray Data's default is
-forever), then its rows become ``error_stage="worker"`` rows (the whole batch: Ray cannot say which
+forever); the batches Ray gave up on get one more round in a fresh dataset at the end of the run (so a
+lost node costs no rows), and what is still lost then becomes ``error_stage="worker"`` rows (the whole batch: Ray cannot say which
 input did it). Reruns (see plan.py): same configuration = resume + retry error rows; another one is
 refused unless ``--new-config``. Decode and inference never fuse into one stage: the actor stage's
 remote args (its retry policy) differ from the decode tasks', and Ray Data fuses only equal ones
@@ -25,6 +26,7 @@ remote args (its retry policy) differ from the decode tasks', and Ray Data fuses
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import sys
@@ -79,43 +81,21 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     t_plan = time.time()
     stats_text = ""
     if tasks:
-        ray = _init_ray(cfg)
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = cfg.progress
-        ctx.max_errored_blocks = -1  # a failed block loses only its own rows (written below as error rows)
-        ds = ray.data.from_items(tasks, override_num_blocks=max(1, -(-len(tasks) // cfg.batch_size)))
-        ds = ds.map_batches(
-            decode_media,
-            fn_kwargs=dict(storage_options=cfg.storage_options(), max_frames=cfg.max_frames,
-                           max_pixels=cfg.max_pixels_per_frame,
-                           timeout_s=cfg.decode_timeout_s),
-            batch_size=cfg.batch_size, num_cpus=1, batch_format="numpy",
-        )
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # max_task_retries below
-        ds = ds.map_batches(
-            Annotator,
-            fn_constructor_kwargs=dict(cfg=asdict(cfg), run_id=info["run_id"], version=info["code_version"]),
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors, max_size=cfg.max_actors or cfg.num_actors,
-                                               **_actor_concurrency(cfg)),
-            num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size,
-            batch_format="numpy",
-            # Ray Data's actor default is max_restarts=-1 AND max_task_retries=-1: an input that kills its
-            # worker (segfault, OOM kill) would be retried forever. Actors may still be replaced (the next
-            # batch deserves a fresh one), but a batch is retried at most max_task_retries times; then its
-            # block fails, is skipped (max_errored_blocks below) and its rows become "worker" error rows.
-            max_restarts=-1, max_task_retries=max(0, int(cfg.max_task_retries)),
-        )
-        rows_url = RunLayout(cfg.output).rows
-        pa_fs, rows_path = storage.pyarrow_filesystem_for(rows_url, **cfg.storage_options())
-        ds.write_parquet(rows_path, filesystem=pa_fs)
-        stats_text = ds.stats()
+        stats_text = _execute(cfg, info, tasks)
     fs, out_root = storage.filesystem_for(cfg.output, **cfg.storage_options())
     # The listing of OUTPUT/rows that s3fs cached while planning predates the rows Ray's workers just wrote
     # (reading through it fails with FileNotFoundError): forget it before reading the rows back.
     fs.invalidate_cache()
     if tasks:
+        # Blocks Ray gave up on (their actor died max_task_retries times: a lost node, an OOM kill, an input
+        # that crashes its worker) get one more round in a fresh dataset: a node loss must not cost rows.
+        lost = _lost_tasks(cfg, info, tasks, t_plan)
+        if lost:
+            print(f"[meda] {len(lost)} row(s) lost with their batch (worker died): one more round for them",
+                  file=sys.stderr, flush=True)
+            info["n_lost_retried"] = len(lost)
+            _execute(cfg, info, lost)
+            fs.invalidate_cache()
         info["n_worker_errors"] = _rows_for_lost_blocks(cfg, info, tasks, t_plan)
     finish_manifest(manifest, cfg, info.get("stale_clips", ()))
     summary = summarize(cfg, info, time.time() - t_start, stats_text)
@@ -123,6 +103,49 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         json.dump(summary, f, indent=1, default=str)
     print(format_summary(summary))
     return summary
+
+
+def _execute(cfg: AnnotateConfig, info: dict[str, Any], tasks: list[dict[str, Any]]) -> str:
+    """Run ``tasks`` through decode -> model actors -> Parquet; returns Ray Data's stats."""
+    ray = _init_ray(cfg)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    ctx.max_errored_blocks = -1  # a failed block loses only its own rows (written below as error rows)
+    ds = ray.data.from_items(tasks, override_num_blocks=max(1, -(-len(tasks) // cfg.batch_size)))
+    ds = ds.map_batches(
+        decode_media,
+        fn_kwargs=dict(storage_options=cfg.storage_options(), max_frames=cfg.max_frames,
+                       max_pixels=cfg.max_pixels_per_frame,
+                       timeout_s=cfg.decode_timeout_s),
+        batch_size=cfg.batch_size, num_cpus=1, batch_format="numpy",
+    )
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # max_task_retries below
+    ds = ds.map_batches(
+        Annotator,
+        fn_constructor_kwargs=dict(cfg=asdict(cfg), run_id=info["run_id"], version=info["code_version"]),
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors, max_size=cfg.max_actors or cfg.num_actors,
+                                           **_actor_concurrency(cfg)),
+        num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size,
+        batch_format="numpy",
+        # Ray Data's actor default is max_restarts=-1 AND max_task_retries=-1: an input that kills its
+        # worker (segfault, OOM kill) would be retried forever. Actors may still be replaced (the next
+        # batch deserves a fresh one), but a batch is retried at most max_task_retries times; then its
+        # block fails, is skipped (max_errored_blocks below) and its rows become "worker" error rows.
+        max_restarts=-1, max_task_retries=max(0, int(cfg.max_task_retries)),
+    )
+    rows_url = RunLayout(cfg.output).rows
+    pa_fs, rows_path = storage.pyarrow_filesystem_for(rows_url, **cfg.storage_options())
+    ds.write_parquet(rows_path, filesystem=pa_fs)
+    return ds.stats()
+
+
+def _lost_tasks(cfg: AnnotateConfig, info: dict[str, Any], tasks: list[dict[str, Any]], t_plan: float):
+    """The tasks of this run without a row written since planning."""
+    since = dt.datetime.fromtimestamp(t_plan, dt.timezone.utc) - dt.timedelta(seconds=1)
+    existing = read_done_rows(cfg, info["config_key"], info.get("legacy_key"))
+    return [t for t in tasks if existing.created.get(t["row_id"]) is None or existing.created[t["row_id"]] < since]
 
 
 def _print_rerun_notes(info: dict[str, Any]) -> None:
@@ -152,9 +175,7 @@ def _rows_for_lost_blocks(cfg: AnnotateConfig, info: dict[str, Any], tasks: list
 
     from ..schema import empty_row, to_table
 
-    since = dt.datetime.fromtimestamp(t_plan, dt.timezone.utc) - dt.timedelta(seconds=1)
-    existing = read_done_rows(cfg, info["config_key"], info.get("legacy_key"))
-    lost = [t for t in tasks if existing.created.get(t["row_id"]) is None or existing.created[t["row_id"]] < since]
+    lost = _lost_tasks(cfg, info, tasks, t_plan)
     if not lost:
         return 0
     now = dt.datetime.now(dt.timezone.utc)
