@@ -91,8 +91,22 @@ def ray_auth_for_existing_cluster(environ: dict[str, str] | None = None) -> str 
     return None
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (what process managers send) both end `meda serve` cleanly. SIGINT is installed
+    explicitly: a process started with SIGINT ignored (inherited from its parent, e.g. a launcher that
+    ignores it) would otherwise never see Ctrl-C and leave the app serving."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_cli(args)
+    _stop_on_signals()
     if args.ray_address:
         ray_auth_for_existing_cluster()  # before Ray is imported: its config reads the variable once
     from .app import app_builder
@@ -102,6 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     ray.init(address=args.ray_address or None, log_to_driver=False)
+    _stop_on_signals()  # again: Ray's driver start-up may install its own handlers
     started_ray = not args.ray_address
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
