@@ -184,54 +184,49 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+KEY_FIELDS = ("experiment", "checkpoint", "clips", "frames", "batch_size", "method", "budget")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.experiment == "batching":
-        return main_batching(args, argv)
     common.set_threads(args.threads)
     t_start = time.time()
     run = {"command": common.command_line("pipeline", argv),
            "machine": common.machine_info(args.threads, bandwidth=False)}
     with tempfile.TemporaryDirectory(prefix="meda-bench-pipeline") as tmp:
         checkpoint, rows = model_and_corpus(Path(tmp), args)
-        alone = engine_alone(checkpoint, rows, args)
-        common.log(f"[pipeline] engine alone: {alone['clips_per_s']:.2f} clips/s")
-        piped = pipeline_run(checkpoint, Path(tmp) / "corpus" / "manifest.jsonl", Path(tmp) / "run", args)
-        common.log(f"[pipeline] pipeline: {piped['clips_per_s']:.2f} clips/s")
-    record = {"checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames, "batch_size": args.batch_size,
-              "method": args.method, "budget": args.budget, "engine_alone": alone, "pipeline": piped,
-              "pipeline_vs_engine": piped["clips_per_s"] / alone["clips_per_s"],
-              "pipeline_steady_vs_engine": (piped["clips_per_s_steady"] or 0.0) / alone["clips_per_s"]}
+        measure = batching_record if args.experiment == "batching" else alone_record
+        record = measure(checkpoint, rows, Path(tmp), args)
     run["wall_s"] = time.time() - t_start
     run["load_average_at_end"] = common.load_average()
-    common.write_results("pipeline", args.out_dir, run, [record], ("checkpoint", "clips", "frames", "batch_size",
-                                                                   "method", "budget"), to_markdown, fresh=args.fresh)
+    common.write_results("pipeline", args.out_dir, run, [record], KEY_FIELDS, to_markdown, fresh=args.fresh)
     return 0
 
 
-def main_batching(args, argv) -> int:
-    common.set_threads(args.threads)
-    t_start = time.time()
-    run = {"command": common.command_line("pipeline", argv),
-           "machine": common.machine_info(args.threads, bandwidth=False)}
-    with tempfile.TemporaryDirectory(prefix="meda-bench-pipeline") as tmp:
-        checkpoint, rows = model_and_corpus(Path(tmp), args)
-        runs = batching_runs(checkpoint, rows, Path(tmp) / "corpus", Path(tmp), args)
+def alone_record(checkpoint: str, rows, tmp: Path, args) -> dict[str, Any]:
+    """The pipeline vs the engine alone on the same clips."""
+    alone = engine_alone(checkpoint, rows, args)
+    common.log(f"[pipeline] engine alone: {alone['clips_per_s']:.2f} clips/s")
+    piped = pipeline_run(checkpoint, tmp / "corpus" / "manifest.jsonl", tmp / "run", args)
+    common.log(f"[pipeline] pipeline: {piped['clips_per_s']:.2f} clips/s")
+    return {"checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames, "batch_size": args.batch_size,
+            "method": args.method, "budget": args.budget, "engine_alone": alone, "pipeline": piped,
+            "pipeline_vs_engine": piped["clips_per_s"] / alone["clips_per_s"],
+            "pipeline_steady_vs_engine": (piped["clips_per_s_steady"] or 0.0) / alone["clips_per_s"]}
+
+
+def batching_record(checkpoint: str, rows, tmp: Path, args) -> dict[str, Any]:
+    """The job's static vs continuous batching on answers of varied length."""
+    runs = batching_runs(checkpoint, rows, tmp / "corpus", tmp, args)
     s, c = runs["static"], runs["continuous"]
-    record = {"experiment": "batching", "checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames,
-              "batch_size": args.batch_size, "method": args.method, "budget": args.budget,
-              "new_tokens": [args.min_new_tokens, args.max_new_tokens], "batches_in_flight": args.batches_in_flight,
-              "static": s, "continuous": c,
-              "continuous_vs_static": c["clips_per_s"] / s["clips_per_s"],
-              "continuous_vs_static_steady": ((c["clips_per_s_steady"] or 0.0) / s["clips_per_s_steady"]
-                                              if s["clips_per_s_steady"] else None),
-              "same_tokens": s["generated_tokens"] == c["generated_tokens"]}
-    run["wall_s"] = time.time() - t_start
-    run["load_average_at_end"] = common.load_average()
-    common.write_results("pipeline", args.out_dir, run, [record], ("experiment", "checkpoint", "clips", "frames",
-                                                                   "batch_size", "method", "budget"),
-                         to_markdown, fresh=args.fresh)
-    return 0
+    return {"experiment": "batching", "checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames,
+            "batch_size": args.batch_size, "method": args.method, "budget": args.budget,
+            "new_tokens": [args.min_new_tokens, args.max_new_tokens], "batches_in_flight": args.batches_in_flight,
+            "static": s, "continuous": c,
+            "continuous_vs_static": c["clips_per_s"] / s["clips_per_s"],
+            "continuous_vs_static_steady": ((c["clips_per_s_steady"] or 0.0) / s["clips_per_s_steady"]
+                                            if s["clips_per_s_steady"] else None),
+            "same_tokens": s["generated_tokens"] == c["generated_tokens"]}
 
 
 def to_markdown(data: dict[str, Any]) -> str:
