@@ -134,14 +134,6 @@ class Annotator:
                      peak_kv_bytes_in_use=max(s["peak_kv_bytes_in_use"] for s in stats))
         return total
 
-    def compression(self, method: str):
-        from meda_engine import CompressionConfig
-
-        extra = dict(self.cfg.compression)
-        if method == self.cfg.method:
-            return CompressionConfig(method=method, budget=self.cfg.budget, **extra)
-        return CompressionConfig(method=method)
-
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["row_id"])
         rows = [self._base_row(batch, i) for i in range(n)]
@@ -184,7 +176,7 @@ class Annotator:
                 frames = unpack_frames(batch["frames"][i])
                 per_input = _value(batch["max_new_tokens"][i]) if "max_new_tokens" in batch else None
                 gen = GenerationConfig(max_new_tokens=int(per_input or self.cfg.max_new_tokens))
-                comp = self.compression(rows[i]["method"])
+                comp = self.cfg.compression_for(rows[i]["method"])
                 if rows[i]["kind"] == "image":
                     req = Request(prompt=rows[i]["prompt"], images=[frames[0]], generation=gen, compression=comp)
                 else:
