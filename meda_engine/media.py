@@ -279,6 +279,7 @@ def _decode_decord(source: bytes | str, plan: dict, max_pixels: int | None, thre
 
     vr = open_reader()
     n_source, source_fps = len(vr), float(vr.get_avg_fps())
+    _check_complete(_declared_frames(source), n_source)
     height, width = vr[0].shape[:2]  # decord exposes no frame size without decoding one frame
     size = fit_within(width, height, max_pixels)
     if size != (width, height):
@@ -305,9 +306,11 @@ def _decode_pyav(source: bytes | str, plan: dict, max_pixels: int | None, thread
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
-        stamps, keyframes = _frame_table(container, stream)
+        declared = stream.frames
+        stamps, keyframes, n_packets = _frame_table(container, stream)
         if not stamps:
             raise MediaDecodeError("the video has zero frames")
+        _check_complete(declared, n_packets)
         source_fps = _pyav_fps(stream, stamps)
         idx = sample_indices(len(stamps), source_fps, **plan)
         width, height = fit_within(stream.codec_context.width, stream.codec_context.height, max_pixels)
@@ -322,17 +325,41 @@ def _frame_stamp(item) -> int | None:
     return item.pts if item.pts is not None else item.dts
 
 
-def _frame_table(container, stream) -> tuple[list[int], list[int]]:
-    """(every frame's timestamp in presentation order, keyframe timestamps), both sorted, from packets only."""
-    stamps, keyframes = [], []
+def _frame_table(container, stream) -> tuple[list[int], list[int], int]:
+    """(every frame's timestamp in presentation order, keyframe timestamps, both sorted; the number of non-empty
+    packets, discarded ones included), from packets only."""
+    stamps, keyframes, n_packets = [], [], 0
     for packet in container.demux(stream):
+        n_packets += packet.size > 0
         stamp = _frame_stamp(packet)
         if packet.size == 0 or stamp is None or packet.is_discard:  # flush packets carry no frame
             continue
         stamps.append(stamp)
         if packet.is_keyframe:
             keyframes.append(stamp)
-    return sorted(stamps), sorted(keyframes)
+    return sorted(stamps), sorted(keyframes), n_packets
+
+
+def _declared_frames(source: bytes | str) -> int:
+    """The frame count the container's header declares (0: it declares none, or PyAV cannot say)."""
+    try:
+        import av
+
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
+            return int(container.streams.video[0].frames) if container.streams.video else 0
+    except Exception:  # noqa: BLE001 - only a cross-check: the decoder's own errors stay the diagnosis
+        return 0
+
+
+def _check_complete(declared: int, present: int) -> None:
+    """Refuse a video whose data ends before the frames its index declares.
+
+    A file cut at a packet boundary (an interrupted upload of a faststart mp4, whose index comes first) demuxes
+    and decodes without an error in FFmpeg: it only drops the index entries past the end of the file. Without
+    this check such a clip would pass as a shorter one.
+    """
+    if declared > 0 and present < declared:
+        raise MediaDecodeError(f"the video is truncated: its index declares {declared} frames, the data holds {present}")
 
 
 def _pyav_fps(stream, stamps: list[int]) -> float:

@@ -109,6 +109,17 @@ def truncated(data: bytes, keep: float = 0.6) -> bytes:
     return data[: int(len(data) * keep)]
 
 
+def cut_at_packet_boundary(data: bytes, keep: float = 0.6) -> bytes:
+    """The file cut right after the last video packet that ends within the first ``keep`` fraction.
+
+    FFmpeg demuxes and decodes such a file (a faststart mp4, whose index comes first) without an error: it drops
+    the index entries past the end. `truncated` cuts mid-packet, which the decoder notices by itself.
+    """
+    with av.open(io.BytesIO(data)) as container:
+        ends = [p.pos + p.size for p in container.demux(container.streams.video[0]) if p.size and p.pos is not None]
+    return data[: max(end for end in ends if end <= len(data) * keep)]
+
+
 def text_as_video() -> bytes:
     """A text file that someone renamed to .mp4."""
     return b"This is not a video, just a README that was renamed to clip.mp4.\nSecond line.\n"

@@ -112,6 +112,10 @@ BROKEN_VIDEOS = {
     "text renamed .mp4": (mf.text_as_video, "is text"),
     "truncated mp4": (lambda: mf.truncated(mf.make_video()), "truncated"),
     "truncated faststart mp4": (lambda: mf.truncated(mf.make_video(48, faststart=True), 0.9), "truncated"),
+    "faststart mp4 cut at a packet boundary": (
+        lambda: mf.cut_at_packet_boundary(mf.make_video(48, faststart=True), 0.8),
+        "truncated: its index declares 48 frames",
+    ),
     "random bytes": (lambda: np.random.default_rng(0).bytes(4096), "unsupported"),
     "zero frames": (lambda: mf.make_video(0, codec="mpeg4", container="avi"), "zero frames"),
     "audio only": (mf.make_audio_only_mp4, "no video stream"),
