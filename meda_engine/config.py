@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "lookm", "meda")
+METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "lookm", "meda", "meda-window")
 ENTROPY_VARIANTS = ("paper", "code")
 MERGE_MODES = ("none", "average", "pivot", "weighted")
 
@@ -31,6 +31,7 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "pyramidkv": {"text_prior": False, "merge": "none"},
     "lookm": {"text_prior": True, "merge": "average"},
     "meda": {"text_prior": True, "merge": "average"},
+    "meda-window": {"text_prior": False, "merge": "none"},
 }
 
 
@@ -99,7 +100,7 @@ class CompressionConfig:
     Parameters
     ----------
     method:
-        One of ``full, streamingllm, h2o, snapkv, pyramidkv, lookm, meda``.
+        One of ``full, streamingllm, h2o, snapkv, pyramidkv, lookm, meda, meda-window``.
     budget:
         Mean fraction of the prompt's KV entries kept per layer, ``0 < budget <= 1``. An integer ``1``
         is ``1.0`` (it is never a token count). ``full`` ignores it.

@@ -9,8 +9,14 @@
 | pyramidkv    | window attention, pooled     | pyramid          | evict                         |
 | lookm        | accumulated + text prior     | uniform          | merge (average)               |
 | meda         | accumulated + text prior     | entropy          | merge (average)               |
+| meda-window  | window attention, pooled     | entropy          | evict                         |
 
 H2O here is the one-shot variant (compress once after prefill) so every method runs on equal terms.
+
+``meda-window`` is MEDA's entropy allocation (the same statistic, softmax and clamp as ``meda``) on
+SnapKV's observation-window scorer, selection and eviction: it differs from ``snapkv`` *only* in the
+allocation, so ``meda-window`` vs ``snapkv`` isolates entropy-driven vs uniform layer budgets on a
+query-aware scorer (``meda`` vs ``lookm`` does the same on accumulated attention).
 """
 
 from __future__ import annotations
@@ -80,4 +86,7 @@ def build_method(cfg: CompressionConfig) -> Method:
     if m == "meda":
         alloc = EntropyAllocator(cfg.temperature, cfg.min_layer_ratio, cfg.max_layer_ratio)
         return Method(cfg, AccumulatedAttentionScorer(), alloc, merger)
+    if m == "meda-window":
+        alloc = EntropyAllocator(cfg.temperature, cfg.min_layer_ratio, cfg.max_layer_ratio)
+        return Method(cfg, WindowAttentionScorer(cfg.window, cfg.pool_kernel), alloc, merger)
     raise AssertionError(m)  # CompressionConfig validated the name
