@@ -2,7 +2,8 @@
 
 kvpress pins ``transformers>=4.56,<5.3`` while meda runs on transformers 5.23, so the two cannot share
 an environment. `ensure_env()` creates ``<cache>/kvpress-venv`` (default cache: ``~/.cache/meda-bench``,
-or ``$MEDA_BENCH_CACHE``) with ``pip install torch==<this torch> kvpress "transformers<5.3"`` (pip's
+or ``$MEDA_BENCH_CACHE``) with ``pip install torch==<this torch> kvpress "transformers<5.3" gguf accelerate``
+(the last two for transformers' GGUF loader, `peers_kvpress_real.py`; pip's
 ordinary resolution; on this machine torch comes from the local wheel directory), once; later calls
 reuse it. `run_worker()` runs ``benchmarks/peers_kvpress_worker.py`` in it and returns its JSON.
 
@@ -27,6 +28,7 @@ import torch
 WORKER = Path(__file__).with_name("peers_kvpress_worker.py")
 KVPRESS_SPEC = "kvpress"
 TRANSFORMERS_SPEC = "transformers<5.3"
+GGUF_SPECS = ("gguf", "accelerate")  # transformers' GGUF loader (the real-model peer run)
 
 
 def cache_dir() -> Path:
@@ -55,7 +57,7 @@ def env_facts(env: Path | None = None) -> dict | None:
     py = _python(env)
     if not py.exists():
         return None
-    code = ("import json, torch, transformers, kvpress, importlib.metadata as m; "
+    code = ("import json, torch, transformers, kvpress, gguf, accelerate, importlib.metadata as m; "
             "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, "
             "'kvpress': m.version('kvpress'), 'python': __import__('sys').version.split()[0]}))")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
@@ -75,8 +77,8 @@ def ensure_env(log=print) -> tuple[dict | None, str | None]:
     log(f"[kvpress-env] creating {env} (torch {_torch_spec()}, {KVPRESS_SPEC}, {TRANSFORMERS_SPEC})")
     steps = [
         ([sys.executable, "-m", "venv", "--clear", str(env)], "python -m venv"),
-        ([str(_python(env)), "-m", "pip", "install", "-q", _torch_spec(), KVPRESS_SPEC, TRANSFORMERS_SPEC],
-         f"pip install {_torch_spec()} {KVPRESS_SPEC} '{TRANSFORMERS_SPEC}'"),
+        ([str(_python(env)), "-m", "pip", "install", "-q", _torch_spec(), KVPRESS_SPEC, TRANSFORMERS_SPEC, *GGUF_SPECS],
+         f"pip install {_torch_spec()} {KVPRESS_SPEC} '{TRANSFORMERS_SPEC}' {' '.join(GGUF_SPECS)}"),
     ]
     for cmd, what in steps:
         r = subprocess.run(cmd, capture_output=True, text=True)

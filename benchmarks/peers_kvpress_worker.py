@@ -12,6 +12,12 @@ It imports nothing from meda. Two jobs, both on checkpoints the peers suite save
   press produces for a context of L tokens (``compute_n_kept`` for SnapKV, ``get_layer_budget`` for
   PyramidKV, all of L for no press), one step = one model forward with one token, as kvpress's
   pipeline loop; configurations are timed interleaved.
+* ``real``: RULER prompts on a real (GGUF) checkpoint (`benchmarks/peers_kvpress_real.py`): per prompt
+  and press, the context ``ids[:n_ctx]`` is prefilled with the press hooked in, the rest of the prompt
+  is fed on the compressed cache one token at a time at its logical positions (layers may hold
+  different lengths, so no multi-token mask is needed), then greedy decoding to EOS or the token
+  limit. ``snapkv`` can be given our per-layer kept counts (``layer_counts``), so both sides keep the
+  same number of tokens in every layer.
 """
 
 from __future__ import annotations
@@ -40,6 +46,90 @@ def press_for(name, budget, length, window):
     if name == "pyramidkv":
         return PyramidKVPress(compression_ratio=ratio, window_size=window)
     raise ValueError(name)
+
+
+def real_press(run, window):
+    """A kvpress press for one ``real`` run, or None (no compression)."""
+    from dataclasses import dataclass, field
+
+    from kvpress import AdaKVPress, ExpectedAttentionPress, PyramidKVPress, SnapKVPress
+
+    name, budget = run["press"], run["budget"]
+    if name == "none":
+        return None
+    ratio = lambda n, length: (length - n - 0.5) / length  # noqa: E731  (int(L * (1 - r)) == n)
+
+    @dataclass
+    class LayerCountSnapKV(SnapKVPress):
+        """SnapKVPress keeping ``counts[layer]`` tokens in each layer (our allocator's exact counts)."""
+
+        counts: list = field(default_factory=list)
+
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            self.compression_ratio = ratio(self.counts[module.layer_idx], keys.shape[2])
+            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+
+    if name == "snapkv" and run.get("layer_counts"):
+        return LayerCountSnapKV(window_size=window, kernel_size=5, counts=run["layer_counts"])
+    r = ratio(round(budget * run["n_ctx"]), run["n_ctx"])
+    if name == "snapkv":
+        return SnapKVPress(compression_ratio=r, window_size=window)
+    if name == "pyramidkv":
+        return PyramidKVPress(compression_ratio=r, window_size=window)
+    if name == "expected_attention":
+        return ExpectedAttentionPress(compression_ratio=r)
+    if name == "adakv_snapkv":
+        return AdaKVPress(SnapKVPress(compression_ratio=r, window_size=window))
+    raise ValueError(f"unknown press {name!r}")
+
+
+@torch.inference_mode()
+def real(job, out_path):
+    """RULER prompts on a GGUF checkpoint; results are written to ``out_path`` after every answer."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(job["dir"], gguf_file=job["gguf_file"], attn_implementation="sdpa",
+                                                 dtype=torch.float32).eval()
+    log(f"[kvpress] loaded {job['gguf_file']} in {time.perf_counter() - t0:.0f}s")
+    eos = set(job["eos"])
+    out = []
+    for prompt in job["prompts"]:
+        ids = torch.tensor([prompt["ids"]])
+        n_ctx, total = prompt["n_ctx"], len(prompt["ids"])
+        for run in prompt["runs"]:
+            c0 = time.process_time()
+            press = real_press({**run, "n_ctx": n_ctx}, job["window"])
+            cache = DynamicCache()
+            ctx = ids[:, :n_ctx]
+            pos = torch.arange(n_ctx)[None]
+            if press is None:
+                logits = model(input_ids=ctx, past_key_values=cache, position_ids=pos, logits_to_keep=1).logits[0, -1]
+            else:
+                with press(model):
+                    logits = model(input_ids=ctx, past_key_values=cache, position_ids=pos,
+                                   logits_to_keep=1).logits[0, -1]
+            lengths = [int(cache.layers[i].keys.shape[2]) for i in range(len(cache.layers))]
+            for j in range(n_ctx, total):  # the rest of the prompt, on the compressed cache
+                logits = model(input_ids=ids[:, j : j + 1], past_key_values=cache,
+                               position_ids=torch.tensor([[j]])).logits[0, -1]
+            gen = []
+            for i in range(prompt["max_new_tokens"]):
+                tok = int(logits.argmax())
+                if tok in eos:
+                    break
+                gen.append(tok)
+                if len(gen) >= prompt["max_new_tokens"]:
+                    break
+                logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache,
+                               position_ids=torch.tensor([[total + i]])).logits[0, -1]
+            out.append({"key": f"{run['press']}|{run['budget']}|{prompt['key']}", "generated_ids": gen,
+                        "layer_lengths_after_prefill": lengths, "cpu_s": round(time.process_time() - c0, 3)})
+            log(f"[kvpress] {out[-1]['key']}: {len(gen)} tokens, lengths {lengths[:3]}..., "
+                f"{out[-1]['cpu_s']:.1f}s")
+            with open(out_path, "w") as f:
+                json.dump({"real": out}, f)
+    return out
 
 
 def layer_lengths(model, name, budget, length, window):
@@ -157,6 +247,8 @@ def main():
         result["agreement"] = agreement(spec["agreement"])
     if spec.get("synthetic"):
         result["synthetic"] = synthetic(spec["synthetic"])
+    if spec.get("real"):
+        result["real"] = real(spec["real"], sys.argv[2] + ".partial")
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)
 

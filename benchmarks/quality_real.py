@@ -56,6 +56,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "meda-pivot": {"method": "meda", "entropy": "code", "merge": "pivot"},
     # MEDA's entropy allocation on SnapKV's window scores (differs from snapkv only in the allocation)
     "meda-window": {"method": "meda-window"},
+    # its allocation ablation: a softer softmax over the layer entropies (temperature 2)
+    "meda-window-t2": {"method": "meda-window", "temperature": 2.0},
 }
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
 PROTOCOLS = ("aware", "agnostic")
