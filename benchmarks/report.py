@@ -16,7 +16,8 @@ from . import common
 from .common import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE_ORDER = ("decode", "fixed_memory", "prefill", "peers", "pipeline", "planning", "scheduler", "serve_load")
+SUITE_ORDER = ("decode", "fixed_memory", "prefill", "peers", "pipeline", "planning", "listing", "scheduler",
+               "serve_load")
 
 
 def parse_args(argv):
@@ -168,7 +169,7 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                      "met" if r["continuous_vs_static"] >= 1.2 else "not met",
                      f"{r['continuous_vs_static']:.2f}x clips/s over the whole job (wall time); same tokens: "
                      f"{r['same_tokens']}"))
-    for r in (r for r in data.get("pipeline", {}).get("records", []) if r.get("experiment") != "batching"):
+    for r in (r for r in data.get("pipeline", {}).get("records", []) if r.get("experiment") in (None, "alone")):
         steady = r["pipeline_steady_vs_engine"]
         rows.append((f"pipeline >= 0.85x engine-alone clips/s ({r['checkpoint']}, {r['clips']} clips, "
                      f"{r['frames']} frames, {r['method']}@{r['budget']})",
@@ -205,6 +206,10 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     from .planning import target_rows as planning_rows
 
     rows += planning_rows(data.get("planning", {}).get("records", []))
+    # 11. listing: an S3 prefix of 100,000 objects, parallel listing against the serial one
+    from .listing import target_rows as listing_rows
+
+    rows += listing_rows(data.get("listing", {}).get("records", []))
     return rows
 
 

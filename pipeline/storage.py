@@ -187,15 +187,24 @@ def read_bytes(url: str, *, attempts: int = 5, **options: Any) -> bytes:
 # ---------------------------------------------------------------------------------------------------------
 # Listing
 
+# An object-store listing (S3 through s3fs) runs this many requests at once over sub-prefixes (see
+# `list_media_entries`); MEDA_LIST_WORKERS overrides the default, the ``list_workers`` argument both.
+LIST_WORKERS = 16
+# It splits at most this many levels of sub-prefixes (delimiter listings) before listing each one recursively.
+LIST_SPLIT_DEPTH = 3
 
-def list_media(prefix_url: str, *, kinds: Iterable[str] = ("video", "image"), **options: Any) -> list[str]:
+
+def list_media(
+    prefix_url: str, *, kinds: Iterable[str] = ("video", "image"), list_workers: int | None = None, **options: Any
+) -> list[str]:
     """Full URLs of the media files under a prefix (recursively), sorted; a single file's URL gives itself.
 
     Media are recognised by extension (case-insensitive; see `KIND_EXTENSIONS`); hidden files (a name starting
     with ".", such as macOS "._clip.mp4" resource forks) are skipped. Raises FileNotFoundError when nothing
-    exists at the prefix, and ValueError for a single file that is not media.
+    exists at the prefix, and ValueError for a single file that is not media. ``list_workers``: see
+    `list_media_entries`.
     """
-    return [e["uri"] for e in list_media_entries(prefix_url, kinds=kinds, **options)]
+    return [e["uri"] for e in list_media_entries(prefix_url, kinds=kinds, list_workers=list_workers, **options)]
 
 
 def list_media_entries(
@@ -203,22 +212,35 @@ def list_media_entries(
     *,
     kinds: Iterable[str] = ("video", "image"),
     unreadable: list[str] | None = None,
+    list_workers: int | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """`list_media` with what the listing says of each file: ``{uri, source_version}`` (size and ETag or
     mtime, see `source_version`; None when the listing has neither).
 
-    Directories that cannot be listed (a local subdirectory without read permission) are appended to
-    ``unreadable`` (as URLs) when a list is given, and logged as a warning either way: never silently lost.
+    Directories that cannot be listed (a local subdirectory without read permission, an S3 sub-prefix the
+    credentials may not list) are appended to ``unreadable`` (as URLs) when a list is given, and logged as a
+    warning either way: never silently lost.
+
+    An S3 prefix is listed in parallel over its sub-prefixes, ``list_workers`` requests at once (default
+    `LIST_WORKERS`, or MEDA_LIST_WORKERS), see `_s3_parallel_find`; ``list_workers=1`` lists it with one
+    recursive listing, as before. Local directories are walked serially; other stores are listed with one
+    recursive ``find``. The result does not depend on how the listing was split.
     """
     extensions = set().union(*(KIND_EXTENSIONS[k] for k in kinds))
+    workers = _list_workers(list_workers)
     fs, path = filesystem_for(prefix_url, **options)
     if fs.isfile(path):
         if not _is_media(path, extensions):
             raise ValueError(f"{prefix_url} is not a media file (known extensions: {sorted(extensions)})")
         return [{"uri": _to_url(prefix_url, path), "source_version": source_version(retry(lambda: fs.info(path)))}]
     failed: list[str] = []
-    found = _local_find(path, failed) if _is_local(prefix_url) else retry(lambda: fs.find(path, detail=True))
+    if _is_local(prefix_url):
+        found = _local_find(path, failed)
+    elif workers > 1 and _splittable(fs):
+        found = _s3_parallel_find(fs, path, failed, workers)
+    else:
+        found = retry(lambda: fs.find(path, detail=True))
     if not found and not fs.exists(path):
         raise FileNotFoundError(f"nothing at {prefix_url}")
     for d in sorted(set(failed)):
@@ -227,6 +249,93 @@ def list_media_entries(
             unreadable.append(_to_url(prefix_url, str(d)))
     return [{"uri": _to_url(prefix_url, p), "source_version": source_version(found[p])}
             for p in sorted(found) if _is_media(p, extensions)]
+
+
+def _list_workers(value: int | None) -> int:
+    if value is None:
+        env = os.environ.get("MEDA_LIST_WORKERS")
+        try:
+            value = int(env) if env else LIST_WORKERS
+        except ValueError:
+            raise ValueError(f"MEDA_LIST_WORKERS must be an integer >= 1, got {env!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"list_workers must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _splittable(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for an s3fs filesystem (not version-aware): its listings can be split over key prefixes."""
+    try:
+        import s3fs
+    except ImportError:  # pragma: no cover - s3fs is a dependency
+        return False
+    return isinstance(fs, s3fs.S3FileSystem) and not fs.version_aware
+
+
+def _s3_parallel_find(
+    fs, path: str, failed: list[str], workers: int, *, split_until: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """What ``fs.find(path, detail=True)`` returns ({path: info} of every object under the prefix), listed
+    concurrently over sub-prefixes.
+
+    The prefix is split with delimiter listings (ListObjectsV2 with Delimiter="/", through s3fs's client:
+    the objects at that level and its common prefixes), level by level, each level's prefixes at once, until
+    there are at least ``split_until`` (default ``workers``) sub-prefixes or `LIST_SPLIT_DEPTH` levels were
+    split; then each remaining sub-prefix is listed recursively by s3fs's own ``find(bucket, prefix=...)``,
+    ``workers`` at a time. Key prefixes are used byte for byte (a key "a//b" is found: s3fs's ``ls`` would
+    strip the empty level), and every request (each page of a delimiter listing, each sub-prefix's find) goes
+    through `retry`. A prefix whose keys are all at one level ("flat") is listed page by page, serially: S3
+    gives no way to split it without knowing its keys (StartAfter ranges would need guessed split points).
+    A sub-prefix that the credentials may not list (PermissionError) goes to ``failed``; the prefix's own
+    errors propagate, as ``find``'s do.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket, key, _ = fs.split_path(fs._strip_protocol(path))
+    if not bucket:
+        raise ValueError("cannot list all of S3: give a bucket")
+    root = key.lstrip("/") + "/" if key else ""  # the key prefix that s3fs's find(path) lists
+
+    def split(prefix: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        files: dict[str, dict[str, Any]] = {}
+        subs: list[str] = []
+        request = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+        try:
+            while True:
+                page = retry(lambda: fs.call_s3("list_objects_v2", **dict(request)))
+                subs += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+                for obj in page.get("Contents", []):  # the info s3fs's listings give an object
+                    name = f"{bucket}/{obj['Key']}"
+                    files[name] = {**obj, "Key": name, "name": name, "size": obj["Size"], "type": "file"}
+                if not page.get("IsTruncated"):
+                    return files, subs
+                request["ContinuationToken"] = page["NextContinuationToken"]
+        except PermissionError:
+            if prefix == root:
+                raise
+            failed.append(f"{bucket}/{prefix}")
+            return {}, []
+
+    def walk(prefix: str) -> dict[str, dict[str, Any]]:
+        try:
+            return retry(lambda: fs.find(bucket, detail=True, prefix=prefix))
+        except PermissionError:
+            failed.append(f"{bucket}/{prefix}")
+            return {}
+
+    found: dict[str, dict[str, Any]] = {}
+    frontier = [root]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meda-list") as pool:
+        depth = 0
+        while frontier and depth < LIST_SPLIT_DEPTH and (depth == 0 or len(frontier) < (split_until or workers)):
+            level, frontier = frontier, []
+            for files, subs in pool.map(split, level):
+                found.update(files)
+                frontier += subs
+            depth += 1
+        for files in pool.map(walk, frontier):
+            found.update(files)
+    return found
 
 
 def _local_find(root: str, failed: list[str]) -> dict[str, dict[str, Any]]:
@@ -294,38 +403,122 @@ def read_manifest(url: str, **options: Any) -> list[dict[str, Any]]:
     """Rows of a Parquet, CSV or JSONL manifest, each with ``uri`` (resolved) and ``prompt`` (or None).
 
     ``uri`` is required; a relative one is resolved against the manifest's directory. Other columns pass
-    through unchanged, except that empty CSV cells become None (CSV has no null).
+    through unchanged, except that empty CSV cells become None (CSV has no null). The rows of
+    `read_manifest_table` as dicts: for small manifests and tests; the job plans on the table.
     """
+    return read_manifest_table(url, **options).to_pylist()
+
+
+def read_manifest_table(url: str, **options: Any):
+    """A Parquet, CSV or JSONL manifest as one Arrow table (never one Python object per row): ``uri``
+    (stripped, resolved against the manifest's directory when relative) and ``prompt`` (empty -> null,
+    added when absent) plus every other column as it is. CSV cells are read as strings (as Python's csv
+    module gives them, so ``007`` stays ``007``), empty ones as null. JSONL is read by pyarrow; a file it
+    cannot type (a column whose JSON type changes between lines) or parse is read line by line instead,
+    which names the bad line. Raises ValueError for a missing ``uri`` column or an empty uri (naming the row).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     fmt = manifest_format(url)
     if fmt is None:
         raise ValueError(f"{url}: unknown manifest format (expected one of {sorted(MANIFEST_FORMATS)})")
     fs, path = filesystem_for(url, **options)
-    reader = {"parquet": _parquet_rows, "csv": _csv_rows, "jsonl": _jsonl_rows}[fmt]
-    rows = retry(lambda: reader(fs, path, url))
-    base = _to_url(url, posixpath.dirname(path))
-    for n, row in enumerate(rows, start=1):
-        uri = row.get("uri")
-        if uri is None or not str(uri).strip():
-            raise ValueError(f"{url}: row {n} has an empty uri")
-        row["uri"] = _resolve(str(uri).strip(), base)
-        row["prompt"] = row.get("prompt") or None
-    return rows
+    reader = {"parquet": _parquet_table, "csv": _csv_table, "jsonl": _jsonl_table}[fmt]
+    table = retry(lambda: reader(fs, path, url))
+    _require_uri(table.column_names, url)
+    uri = pc.utf8_trim_whitespace(_as_strings(table.column("uri")))
+    empty = pc.fill_null(pc.equal(uri, ""), True)
+    if pc.any(empty).as_py():
+        n = pc.index(empty, True).as_py() + 1
+        raise ValueError(f"{url}: row {n} has an empty uri")
+    uri = _resolve_column(uri, _to_url(url, posixpath.dirname(path)))
+    table = table.set_column(table.column_names.index("uri"), "uri", uri)
+    prompt = (_null_if_empty(_as_strings(table.column("prompt"))) if "prompt" in table.column_names
+              else pa.nulls(table.num_rows, pa.string()))
+    return _put(table, "prompt", prompt)
 
 
-def _parquet_rows(fs, path: str, url: str) -> list[dict[str, Any]]:
+def _parquet_table(fs, path: str, url: str):
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
-    _require_uri(table.column_names, url)
-    return table.to_pylist()
+        return pq.read_table(f)
 
 
-def _csv_rows(fs, path: str, url: str) -> list[dict[str, Any]]:
+def _csv_table(fs, path: str, url: str):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     with fs.open(path, "rb", compression="infer") as raw:
-        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""))  # -sig: Excel's BOM
-        _require_uri(reader.fieldnames or [], url)
-        return [{k: (v if v != "" else None) for k, v in row.items()} for row in reader]
+        header = next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")), [])
+    _require_uri(header, url)
+    # Every column as a string, empty cells null: what csv.DictReader gave (no type guessing).
+    convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header}, strings_can_be_null=True,
+                                   null_values=[""])
+    with fs.open(path, "rb", compression="infer") as raw:
+        return pacsv.read_csv(raw, convert_options=convert)  # a UTF-8 BOM (Excel) is skipped
+
+
+def _jsonl_table(fs, path: str, url: str):
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    try:
+        with fs.open(path, "rb", compression="infer") as raw:
+            return pajson.read_json(raw)
+    except pa.ArrowInvalid:  # a bad line, or mixed types: line by line, with the line's number in the error
+        rows = _jsonl_rows(fs, path, url)
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    columns = {}
+    for name in names:
+        values = [r.get(name) for r in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # one column, several JSON types: as text
+            columns[name] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v)
+                                      for v in values], pa.string())
+    return pa.table(columns) if columns else pa.table({"uri": pa.array([], pa.string())})
+
+
+def _as_strings(column):
+    """A column as UTF-8 strings (Arrow's cast; a string column as it is)."""
+    import pyarrow as pa
+
+    return column if column.type == pa.string() else column.cast(pa.string())
+
+
+def _null_if_empty(column):
+    import pyarrow.compute as pc
+
+    return pc.if_else(pc.equal(column, ""), None, column)
+
+
+def _put(table, name: str, column):
+    """``table`` with column ``name`` set to ``column`` (replaced in place, or appended)."""
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, column)
+    return table.append_column(name, column)
+
+
+def _resolve_column(uris, base_url: str):
+    """`_resolve` over a column of uris: only the relative ones (usually none) go through Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    relative = pc.invert(pc.or_(pc.starts_with(uris, "/"), pc.match_substring(uris, "://")))
+    if not pc.any(relative).as_py():
+        return uris
+    uris, relative = _flat(uris), _flat(relative)
+    resolved = [_resolve(u, base_url) for u in pc.filter(uris, relative).to_pylist()]
+    return pc.replace_with_mask(uris, relative, pa.array(resolved, pa.string()))
+
+
+def _flat(column):
+    """One Array of a ChunkedArray (the kernels that take a mask want arrays)."""
+    import pyarrow as pa
+
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
 def _jsonl_rows(fs, path: str, url: str) -> list[dict[str, Any]]:
@@ -395,33 +588,91 @@ def build_manifest(
 ) -> list[dict[str, Any]]:
     """The inputs of a run: rows ``{clip_id, uri, prompt, kind, source_version, ...}`` without duplicate clip ids.
 
-    ``source`` is a manifest (by extension, see `read_manifest`) or a prefix / file to list (`list_media`).
-    ``clip_id`` comes from the row if given, else from `clip_id` (with the row's ``start`` / ``end``);
-    ``prompt`` from the row, else the ``prompt`` argument; ``kind`` from the row, else from the extension
-    (None when unknown: the reader decides after sniffing the bytes). ``source_version`` (size + ETag/mtime,
-    see `source_version`) comes from the listing, or a stat for a manifest's local files, else the row's own
-    column, else None. Order: listing order (sorted) or manifest order; the first of duplicate clip ids wins.
-    A file that cannot be read is still listed (its read fails later, as that input's error row); directories
-    that cannot be listed go to ``unreadable`` (see `list_media_entries`).
+    The rows of `build_manifest_table` as dicts (for small manifests and tests; the job plans on the table).
     """
+    return build_manifest_table(source, prompt=prompt, kinds=kinds, unreadable=unreadable, **options).to_pylist()
+
+
+def build_manifest_table(
+    source: str,
+    *,
+    prompt: str | None = None,
+    kinds: Iterable[str] = ("video", "image"),
+    unreadable: list[str] | None = None,
+    **options: Any,
+):
+    """The inputs of a run as one Arrow table: columns ``clip_id, uri, prompt, kind, source_version`` (strings)
+    and every other column of the manifest, without duplicate clip ids; vectorised, no Python object per row
+    except where a value must be computed (a clip id not given, a kind or version read from a local file,
+    once per distinct uri).
+
+    ``source`` is a manifest (by extension, see `read_manifest_table`) or a prefix / file to list
+    (`list_media_entries`). ``clip_id`` comes from the row if given, else from `clip_id` (with the row's
+    ``start`` / ``end``); ``prompt`` from the row, else the ``prompt`` argument; ``kind`` from the row, else
+    from the extension (None when unknown: the reader decides after sniffing the bytes). ``source_version``
+    (size + ETag/mtime, see `source_version`) comes from the listing, or a stat for a manifest's local files,
+    else the row's own column, else None. Order: listing order (sorted) or manifest order; the first of
+    duplicate clip ids wins. A file that cannot be read is still listed (its read fails later, as that input's
+    error row); directories that cannot be listed go to ``unreadable`` (see `list_media_entries`).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if manifest_format(source):
-        rows = read_manifest(source, **options)
+        table = read_manifest_table(source, **options)
+        given_version = "source_version" in table.column_names
     else:
-        rows = list_media_entries(source, kinds=kinds, unreadable=unreadable, **options)
-    out, seen = [], set()
-    for row in rows:
-        uri = row["uri"]
-        cid = row.get("clip_id") or clip_id(uri, row.get("start"), row.get("end"))
-        if cid in seen:
-            continue
-        seen.add(cid)
-        fixed = {"clip_id": cid, "uri": uri, "prompt": row.get("prompt") or prompt, "kind": row.get("kind"),
-                 "source_version": row.get("source_version") or _local_version(uri)}
-        fixed["kind"] = fixed["kind"] or _sniff_kind(uri)
-        out.append({**fixed, **{k: v for k, v in row.items() if k not in fixed}})
-    if len(out) < len(rows):
-        log.info("build_manifest: dropped %d duplicate clip(s) from %s", len(rows) - len(out), source)
-    return out
+        entries = list_media_entries(source, kinds=kinds, unreadable=unreadable, **options)
+        table = (pa.Table.from_pylist(entries) if entries
+                 else pa.table({"uri": pa.array([], pa.string()), "source_version": pa.array([], pa.string())}))
+        table = _put(table, "uri", _as_strings(table.column("uri")))
+        given_version = True
+    names = table.column_names
+
+    def given(name: str):  # a string column, "" as null; all null when the manifest has no such column
+        if name not in names:
+            return pa.nulls(table.num_rows, pa.string())
+        return _null_if_empty(_as_strings(table.column(name)))
+
+    n, uri, cid = table.num_rows, table.column("uri"), given("clip_id")
+    missing = pc.is_null(cid)
+    if pc.any(missing).as_py():
+        cid, missing = _flat(cid), _flat(missing)
+        idx = pc.indices_nonzero(missing)
+        seg = [table.column(c).take(idx).to_pylist() if c in names else [None] * len(idx) for c in ("start", "end")]
+        made = [clip_id(u, s, e) for u, s, e in zip(uri.take(idx).to_pylist(), *seg)]
+        cid = pc.replace_with_mask(cid, missing, pa.array(made, pa.string()))
+    # The first of duplicate clip ids wins: the smallest row index of each id, in manifest order.
+    if n and pc.count_distinct(cid).as_py() < n:
+        first = pa.table({"clip_id": cid, "i": pa.array(np.arange(n, dtype=np.int64))}).group_by(
+            "clip_id").aggregate([("i", "min")])
+        keep = np.sort(first.column("i_min").to_numpy())
+        log.info("build_manifest: dropped %d duplicate clip(s) from %s", n - len(keep), source)
+        table, cid = table.take(keep), cid.take(keep)
+        uri = table.column("uri")
+    row_prompt = given("prompt")
+    prompt_col = pc.fill_null(row_prompt, prompt) if prompt is not None else row_prompt
+    kind = _fill_by_uri(given("kind"), uri, _sniff_kind)
+    version = given("source_version") if given_version else pa.nulls(len(uri), pa.string())
+    version = _fill_by_uri(version, uri, _local_version)
+    fixed = {"clip_id": cid, "uri": uri, "prompt": prompt_col, "kind": kind, "source_version": version}
+    rest = [c for c in table.column_names if c not in fixed]
+    return pa.table({**fixed, **{c: table.column(c) for c in rest}})
+
+
+def _fill_by_uri(values, uris, fn: Callable[[str], Any]):
+    """``values`` with its nulls filled by ``fn(uri)`` (a string or None), called once per distinct uri."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    missing = pc.is_null(values)
+    if not pc.any(missing).as_py():
+        return values
+    wanted = pc.unique(pc.filter(uris, missing))
+    found = pa.array([fn(u) for u in wanted.to_pylist()], pa.string())
+    filled = pc.take(found, pc.index_in(uris, value_set=wanted))
+    return pc.coalesce(values, filled)
 
 
 def _sniff_kind(uri: str) -> str | None:
@@ -435,6 +686,7 @@ def _sniff_kind(uri: str) -> str | None:
 
 __all__ = [
     "build_manifest",
+    "build_manifest_table",
     "clip_id",
     "filesystem_for",
     "is_transient",
@@ -445,6 +697,7 @@ __all__ = [
     "pyarrow_filesystem_for",
     "read_bytes",
     "read_manifest",
+    "read_manifest_table",
     "retry",
     "source_version",
 ]
