@@ -4,7 +4,11 @@ One `generate` call runs this loop for a batch of requests (gpt-fast style, noth
 cache lengths):
 
 1. **prepare** each request (adapter: chat template, placeholder expansion, pixels, modality mask) and
-   compute its positions (M-RoPE for the Qwen-VL family);
+   compute its positions (M-RoPE for the Qwen-VL family). Preparation has two halves: `Preprocessor`
+   (tokenizer + adapter, no weights: runs in any CPU process, e.g. the annotation job's CPU stage, and
+   returns a `HostPrompt` of plain numpy arrays) and `Engine.from_host` (the model's side: torch
+   tensors for this engine, checked against its vocabulary); `Engine.prepare` is the two composed.
+   Positions need the model (its ``get_rope_index``) and are computed at prefill;
 2. **prefill** the right-padded batch once into a fresh `RaggedKVCache`; the attention function
    records the statistics each row's method needs;
 3. **compress** each row's cache (scorer -> per-layer allocation -> selection -> merge); every layer
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import hf_glue
@@ -49,6 +54,88 @@ class PreparedRequest:
     request: Request
     prompt: PreparedPrompt
     generation: GenerationConfig
+
+
+@dataclass
+class HostPrompt:
+    """A `PreparedPrompt` as plain numpy arrays and small fields: what `Preprocessor.preprocess` returns
+    in a process without the model, and what `Engine.from_host` takes (picklable; no torch inside).
+
+    Shapes as `PreparedPrompt`: ``input_ids (L,)`` int64, ``modality (L,)`` int8; ``vision`` holds the
+    patchified, normalised pixel rows (``pixel_values (N, D)`` float32, ``pixel_values_videos``) and their
+    grids (``image_grid_thw (k, 3)`` int64, ``video_grid_thw``), keyed as the model's forward names them.
+    ``family`` is the adapter family that produced it (`Engine.from_host` refuses another one's)."""
+
+    input_ids: np.ndarray
+    modality: np.ndarray
+    vision: dict[str, np.ndarray]
+    n_context: int
+    n_frames: int
+    extra: dict[str, Any]
+    family: str
+
+    @classmethod
+    def from_prompt(cls, prompt: PreparedPrompt, family: str) -> "HostPrompt":
+        """The numpy view of ``prompt`` (no copy: the arrays share the CPU tensors' memory)."""
+        return cls(input_ids=prompt.input_ids.numpy(), modality=prompt.modality.numpy(),
+                   vision={k: v.numpy() for k, v in prompt.vision.items()}, n_context=int(prompt.n_context),
+                   n_frames=int(prompt.n_frames), extra=dict(prompt.extra), family=family)
+
+    def to_prompt(self) -> PreparedPrompt:
+        """Back to CPU tensors; arrays that arrived read-only (e.g. zero-copy from Ray's object store)
+        are copied, the others are shared."""
+        return PreparedPrompt(
+            input_ids=_tensor(self.input_ids, np.int64), modality=_tensor(self.modality, np.int8),
+            vision={k: _tensor(v) for k, v in self.vision.items()}, n_context=int(self.n_context),
+            n_frames=int(self.n_frames), extra=dict(self.extra),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.input_ids.nbytes + self.modality.nbytes + sum(v.nbytes for v in self.vision.values()))
+
+
+def _tensor(a: np.ndarray, dtype: Any = None) -> torch.Tensor:
+    a = np.asarray(a, dtype=dtype)
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.array(a, order="C")
+    return torch.from_numpy(a)
+
+
+class Preprocessor:
+    """The CPU half of `Engine.prepare`: chat template, tokenisation, placeholder expansion, pixel resize
+    + patchify, the context-length check. Needs the checkpoint's config, tokenizer and preprocessor
+    config only (no weights, no device), so it can run in CPU workers apart from the model; the result
+    (`HostPrompt`) is plain numpy for shipping between processes."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, cache_dir: str | None = None, revision: str | None = None,
+                        storage_options: dict | None = None, max_pixels_per_frame: int | None = None,
+                        gguf_file: str | None = None) -> "Preprocessor":
+        """The preprocessor of the checkpoint `Engine.from_pretrained` would load from the same arguments."""
+        ckpt = resolve_source(source, gguf_file=gguf_file, cache_dir=cache_dir, revision=revision,
+                              storage_options=storage_options)
+        return cls(_build_adapter(ckpt.path, ckpt.gguf_file, max_pixels_per_frame)[2])
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def preprocess(self, request: Request, *, max_new_tokens: int | None = None) -> HostPrompt:
+        """Tokenise and preprocess ``request`` (``max_new_tokens``: the tokens it will generate, for the
+        context check; default its own generation config's). Raises on a request that cannot run
+        (e.g. `ContextLengthError`)."""
+        n_new = request.generation.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return HostPrompt.from_prompt(self.adapter.prepare(request, max_new_tokens=n_new), self.adapter.family)
+
+
+def _build_adapter(path: Path, gguf_file: str | None, max_pixels_per_frame: int | None):
+    config, tokenizer = hf_glue.load_config_and_tokenizer(str(path), gguf_file)
+    kwargs = {"max_pixels_per_frame": max_pixels_per_frame} if max_pixels_per_frame else {}
+    return config, tokenizer, build_adapter(config, tokenizer, load_preprocessor_config(Path(path)), **kwargs)
 
 
 @dataclass
@@ -122,6 +209,8 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self._lock = threading.Lock()
         self._eos = set(adapter.eos_token_ids)
+        self.preprocessor = Preprocessor(adapter)
+        self._vocab = int(getattr(adapter.text_config, "vocab_size", 0) or 0) or None
         # what was loaded: source, format ("hf" / "gguf"), source quantisation (GGUF), compute dtype
         self.model_info: dict[str, Any] = {"source": source, "format": "hf", "quantization": None,
                                            "dtype": str(self.dtype).replace("torch.", "")}
@@ -139,9 +228,7 @@ class Engine:
         ckpt = resolve_source(source, gguf_file=gguf_file, cache_dir=cache_dir, revision=revision,
                               storage_options=storage_options)
         path = ckpt.path
-        config, tokenizer = hf_glue.load_config_and_tokenizer(str(path), ckpt.gguf_file)
-        kwargs = {"max_pixels_per_frame": max_pixels_per_frame} if max_pixels_per_frame else {}
-        adapter = build_adapter(config, tokenizer, load_preprocessor_config(Path(path)), **kwargs)
+        config, tokenizer, adapter = _build_adapter(path, ckpt.gguf_file, max_pixels_per_frame)
         dev = _resolve_device(device)
         model = hf_glue.load_model(str(path), config, multimodal=adapter.multimodal,
                                    dtype=_resolve_dtype(dtype, dev), device=dev, gguf_file=ckpt.gguf_file)
@@ -159,12 +246,32 @@ class Engine:
 
     # ---- public API -----------------------------------------------------------------------------
     def prepare(self, request: Request, *, max_new_tokens: int | None = None) -> PreparedRequest:
-        """Tokenise and preprocess (CPU only). Raises on a request that cannot run."""
+        """Tokenise and preprocess (CPU only). Raises on a request that cannot run.
+
+        The same as ``from_host(request, preprocessor.preprocess(request))``: a `Preprocessor` in another
+        process (no model) gives the same prepared request."""
         gen = request.generation
         if max_new_tokens is not None:
             gen = dataclasses.replace(gen, max_new_tokens=max_new_tokens)
-        prompt = self.adapter.prepare(request, max_new_tokens=gen.max_new_tokens)
-        return PreparedRequest(request, prompt, gen)
+        return self.from_host(request, self.preprocessor.preprocess(request, max_new_tokens=gen.max_new_tokens), gen)
+
+    def from_host(self, request: Request, host: HostPrompt, generation: GenerationConfig | None = None) -> PreparedRequest:
+        """The model's half of `prepare`: a `HostPrompt` (from a `Preprocessor` of this checkpoint,
+        possibly in another process) as the engine's prepared request. ``request`` supplies the id,
+        the compression and (unless ``generation`` is given) the generation settings; its media are not
+        read again, so a request without them will do. The tensors stay on the CPU until prefill, when
+        the batch is collated onto the device (requests waiting in a queue hold no device memory)."""
+        if host.family != self.adapter.family:
+            raise ConfigError(f"the prompt was prepared for a {host.family} model; this engine runs "
+                              f"{self.adapter.family}")
+        prompt = host.to_prompt()
+        if prompt.input_ids.ndim != 1 or prompt.modality.shape != prompt.input_ids.shape or prompt.length == 0:
+            raise ConfigError(f"malformed prepared prompt: input_ids {tuple(prompt.input_ids.shape)}, "
+                              f"modality {tuple(prompt.modality.shape)}")
+        if self._vocab is not None and (int(prompt.input_ids.max()) >= self._vocab or int(prompt.input_ids.min()) < 0):
+            raise ConfigError(f"prepared prompt has token ids outside this model's vocabulary of {self._vocab} "
+                              f"(prepared with another tokenizer?)")
+        return PreparedRequest(request, prompt, generation or request.generation)
 
     def generate(self, requests: Sequence[Request | PreparedRequest], *,
                  compression: CompressionConfig | None = None, max_new_tokens: int | None = None) -> list[Result]:
