@@ -20,6 +20,15 @@ ends) vs ``continuous`` (every batch's requests stream into the actor's engine l
 ``--batches-in-flight`` batches at once). Target: continuous >= 1.2x clips/s.
 
     python -m benchmarks.pipeline --experiment batching --clips 48 --min-new-tokens 4 --max-new-tokens 64
+
+``--experiment preprocess`` runs the job on the same clips with preparation (chat template, tokenisation,
+resize + patchify) inside the model actor (``--preprocess in-actor``, the old path) and in the CPU
+stage before it (``cpu-stage``), in ``--repeats`` pairs of runs (A B, B A, A B, ...), and reports for each run
+clips/s and the model actor's time: busy (inside a call), engine busy (some row prefilling or
+decoding: each row's admitted..finished span, from its telemetry) and the preparation done in the
+actor (a call's start to its rows' submission).
+
+    python -m benchmarks.pipeline --experiment preprocess --clips 32 --frames 16 --repeats 2
 """
 
 from __future__ import annotations
@@ -46,8 +55,14 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--ray-cpus", type=int, default=4, help="CPUs the local Ray advertises")
-    p.add_argument("--experiment", default="alone", choices=("alone", "batching"),
-                   help="alone: pipeline vs engine alone; batching: the job's continuous vs static batching")
+    p.add_argument("--experiment", default="alone", choices=("alone", "batching", "preprocess"),
+                   help="alone: pipeline vs engine alone; batching: the job's continuous vs static batching; "
+                        "preprocess: preparation inside the model actor vs in the CPU stage")
+    p.add_argument("--preprocess", default="cpu-stage", choices=("cpu-stage", "in-actor"),
+                   help="alone/batching: where the job prepares prompts (meda annotate --preprocess)")
+    p.add_argument("--preprocess-workers", type=int, default=1, help="the job's CPU preprocessing workers (min)")
+    p.add_argument("--max-preprocess-workers", type=int, default=None, help="... autoscaling up to this many")
+    p.add_argument("--repeats", type=int, default=2, help="preprocess: pairs of runs (A B, B A, ...)")
     p.add_argument("--min-new-tokens", type=int, default=4, help="batching: shortest answer (per-clip max_new_tokens)")
     p.add_argument("--batches-in-flight", type=int, default=4, help="batching: Ray batches per actor at once")
     return p.parse_args(argv)
@@ -114,16 +129,20 @@ def engine_alone(checkpoint: str, rows, args) -> dict[str, Any]:
             "clips_per_s_with_decode": len(reqs) / (infer_s + decode_s)}
 
 
-def pipeline_run(checkpoint: str, manifest: Path, out: Path, args, *, batching: str = "continuous") -> dict[str, Any]:
+def pipeline_run(checkpoint: str, manifest: Path, out: Path, args, *, batching: str = "continuous",
+                 preprocess: str | None = None) -> dict[str, Any]:
     import ray
 
     from pipeline.annotate import AnnotateConfig, read_rows, run
 
+    preprocess = preprocess or getattr(args, "preprocess", "cpu-stage")
     cfg = AnnotateConfig(input=str(manifest), output=str(out), model=checkpoint, method=args.method,
                          budget=args.budget, baseline="none", frames=args.frames, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, device="cpu", dtype="float32", progress=False,
                          cpus_per_actor=args.threads, batching=batching, max_num_seqs=args.batch_size,
-                         batches_in_flight=getattr(args, "batches_in_flight", 4))
+                         batches_in_flight=getattr(args, "batches_in_flight", 4), preprocess=preprocess,
+                         preprocess_workers=getattr(args, "preprocess_workers", 1),
+                         max_preprocess_workers=getattr(args, "max_preprocess_workers", None))
     if not ray.is_initialized():
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
@@ -142,12 +161,33 @@ def pipeline_run(checkpoint: str, manifest: Path, out: Path, args, *, batching: 
     later = done[done.batch_id != first.batch_id]
     span = (later.created_at.max() - first.created_at).total_seconds() if len(later) else 0.0
     steady = len(later) / span if span > 0 else None
+    engine_busy, prepare_in_actor = _engine_busy(ok) if batching == "continuous" else (None, None)
     return {"wall_s": wall, "rows": int(len(df)), "ok": int(len(ok)), "clips_per_s": len(df) / wall,
-            "generated_tokens": int(ok.n_generated_tokens.sum()),
+            "generated_tokens": int(ok.n_generated_tokens.sum()), "preprocess": preprocess,
             "engine": summary.get("engine"),
             "clips_per_s_steady": steady,
             "media_decode_s": float(df.decode_media_s.sum()), "inference_s": busy,
-            "actor_busy_fraction": busy / wall, "summary_wall_s": summary["wall_s"]}
+            "actor_busy_fraction": busy / wall, "summary_wall_s": summary["wall_s"],
+            "engine_busy_s": engine_busy, "engine_busy_fraction": None if engine_busy is None else engine_busy / wall,
+            "prepare_in_actor_s": prepare_in_actor,
+            "texts": dict(zip(ok.clip_id, ok.text))}
+
+
+def _engine_busy(ok) -> tuple[float, float]:
+    """(seconds some row was in the engine, seconds the actor's calls spent before submitting their rows).
+
+    Continuous batching: a call's rows are submitted together once it has prepared them all, and the
+    call ends as its last row finishes; so submission = call end - its longest row's ``e2e_s``, and row
+    i was in the engine from submission + ``queue_wait_s`` (admitted) to submission + ``e2e_s``
+    (finished). Engine busy is the union of those spans; the preparation in the actor is the sum of
+    (submission - call start) over calls."""
+    spans, prepare = [], 0.0
+    for _, call in ok.groupby("batch_id"):
+        start = call.created_at.min().timestamp()  # taken as the call starts (ms)
+        submit = start + float(call.batch_infer_s.iloc[0]) - float(call.e2e_s.max())
+        prepare += max(0.0, submit - start)
+        spans += [(submit + float(q), submit + float(e)) for q, e in zip(call.queue_wait_s, call.e2e_s)]
+    return _union_length(spans), prepare
 
 
 def batching_runs(checkpoint: str, rows, corpus_dir: Path, tmp: Path, args) -> dict[str, Any]:
@@ -162,6 +202,7 @@ def batching_runs(checkpoint: str, rows, corpus_dir: Path, tmp: Path, args) -> d
     out = {}
     for mode in ("static", "continuous"):
         out[mode] = pipeline_run(checkpoint, manifest, tmp / f"run-{mode}", args, batching=mode)
+        out[mode].pop("texts")
         common.log(f"[pipeline] {mode}: {out[mode]['clips_per_s']:.3f} clips/s "
                    f"({out[mode]['generated_tokens']} tokens)")
     return out
@@ -195,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": common.machine_info(args.threads, bandwidth=False)}
     with tempfile.TemporaryDirectory(prefix="meda-bench-pipeline") as tmp:
         checkpoint, rows = model_and_corpus(Path(tmp), args)
-        measure = batching_record if args.experiment == "batching" else alone_record
+        measure = {"batching": batching_record, "preprocess": preprocess_record}.get(args.experiment, alone_record)
         record = measure(checkpoint, rows, Path(tmp), args)
     run["wall_s"] = time.time() - t_start
     run["load_average_at_end"] = common.load_average()
@@ -208,6 +249,7 @@ def alone_record(checkpoint: str, rows, tmp: Path, args) -> dict[str, Any]:
     alone = engine_alone(checkpoint, rows, args)
     common.log(f"[pipeline] engine alone: {alone['clips_per_s']:.2f} clips/s")
     piped = pipeline_run(checkpoint, tmp / "corpus" / "manifest.jsonl", tmp / "run", args)
+    piped.pop("texts")
     common.log(f"[pipeline] pipeline: {piped['clips_per_s']:.2f} clips/s")
     return {"checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames, "batch_size": args.batch_size,
             "method": args.method, "budget": args.budget, "engine_alone": alone, "pipeline": piped,
@@ -229,9 +271,40 @@ def batching_record(checkpoint: str, rows, tmp: Path, args) -> dict[str, Any]:
             "same_tokens": s["generated_tokens"] == c["generated_tokens"]}
 
 
+def preprocess_record(checkpoint: str, rows, tmp: Path, args) -> dict[str, Any]:
+    """The job with preparation in the model actor (the old path) vs in the CPU stage, alternating."""
+    order: list[str] = []
+    for k in range(max(1, args.repeats)):
+        order += ["in-actor", "cpu-stage"] if k % 2 == 0 else ["cpu-stage", "in-actor"]
+    runs: list[dict[str, Any]] = []
+    for k, mode in enumerate(order):
+        r = pipeline_run(checkpoint, tmp / "corpus" / "manifest.jsonl", tmp / f"run-{k}-{mode}", args, preprocess=mode)
+        runs.append(r)
+        common.log(f"[pipeline] preprocess {mode}: {r['clips_per_s']:.3f} clips/s, actor busy "
+                   f"{r['actor_busy_fraction']:.0%}, engine busy {r['engine_busy_fraction']:.0%}, prepare in actor "
+                   f"{r['prepare_in_actor_s']:.2f} s")
+    texts = {m: [r.pop("texts") for r in runs if r["preprocess"] == m] for m in ("in-actor", "cpu-stage")}
+    by_mode = {m: [r for r in runs if r["preprocess"] == m] for m in ("in-actor", "cpu-stage")}
+
+    def mean(mode, key):
+        vals = [r[key] for r in by_mode[mode] if r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    summary = {m: {k: mean(m, k) for k in ("clips_per_s", "clips_per_s_steady", "actor_busy_fraction",
+                                           "engine_busy_fraction", "prepare_in_actor_s", "wall_s")}
+               for m in by_mode}
+    return {"experiment": "preprocess", "checkpoint": args.checkpoint, "clips": args.clips, "frames": args.frames,
+            "batch_size": args.batch_size, "method": args.method, "budget": args.budget,
+            "preprocess_workers": [args.preprocess_workers, args.max_preprocess_workers or args.preprocess_workers],
+            "order": order, "runs": runs, "mean": summary,
+            "cpu_stage_vs_in_actor": summary["cpu-stage"]["clips_per_s"] / summary["in-actor"]["clips_per_s"],
+            "same_answers": all(t == texts["in-actor"][0] for ts in texts.values() for t in ts)}
+
+
 def to_markdown(data: dict[str, Any]) -> str:
     batching = [r for r in data["records"] if r.get("experiment") == "batching"]
-    data = {**data, "records": [r for r in data["records"] if r.get("experiment") != "batching"]}
+    prep = [r for r in data["records"] if r.get("experiment") == "preprocess"]
+    data = {**data, "records": [r for r in data["records"] if r.get("experiment") not in ("batching", "preprocess")]}
     rows = []
     for r in data["records"]:
         a, p = r["engine_alone"], r["pipeline"]
@@ -260,6 +333,31 @@ def to_markdown(data: dict[str, Any]) -> str:
                   common.md_table(["clips", "new tokens", "batch = row cap", "method", "batching", "tokens",
                                    "wall s", "clips/s (whole job)", "actor busy",
                                    "peak rows", "continuous / static"], brows), ""]
+    if prep:
+        prows = []
+        for r in prep:
+            for k, p in enumerate(r["runs"]):
+                prows.append([r["clips"], r["frames"], r["batch_size"], r["checkpoint"], k + 1, p["preprocess"],
+                              round(p["wall_s"], 1), round(p["clips_per_s"], 3), round(p["clips_per_s_steady"] or 0, 3),
+                              round(p["actor_busy_fraction"], 3), round(p["engine_busy_fraction"], 3),
+                              round(p["prepare_in_actor_s"], 2), round(p["media_decode_s"], 2)])
+            for mode in ("in-actor", "cpu-stage"):
+                m = r["mean"][mode]
+                prows.append([r["clips"], r["frames"], r["batch_size"], r["checkpoint"], "mean", f"**{mode}**",
+                              round(m["wall_s"], 1), round(m["clips_per_s"], 3), round(m["clips_per_s_steady"] or 0, 3),
+                              round(m["actor_busy_fraction"], 3), round(m["engine_busy_fraction"], 3),
+                              round(m["prepare_in_actor_s"], 2), "-"])
+        parts += ["## preprocessing: in the model actor vs in the CPU stage", "",
+                  "Runs alternate (A B, B A) on one local Ray (4 advertised CPUs). *actor busy*: the model actor's calls "
+                  "(union) / wall; *engine busy*: some row admitted and not yet finished (from each row's "
+                  "queue_wait_s and e2e_s) / wall; *prepare in actor*: summed seconds between a call's start and "
+                  "its rows' submission (chat template, tokenisation, resize + patchify when prepared in the "
+                  "actor; only the arrays' conversion after the CPU stage).", "",
+                  common.md_table(["clips", "frames", "batch", "checkpoint", "run", "preprocess", "wall s",
+                                   "clips/s (whole job)", "clips/s (steady)", "actor busy", "engine busy",
+                                   "prepare in actor s", "media decode s (summed)"], prows), "",
+                  "; ".join(f"{r['checkpoint']}: cpu-stage / in-actor clips/s {r['cpu_stage_vs_in_actor']:.3f}x, "
+                            f"same answers: {r['same_answers']}" for r in prep), ""]
     return "\n".join(parts)
 
 

@@ -275,7 +275,8 @@ def to_markdown(data: dict[str, Any]) -> str:
            "from the child's start (imports, preflight, plan, Ray init, Ray Data) to its first readable row file "
            "under OUTPUT/rows, driver VmHWM at that moment; `resume` = the same with half of the rows (lowest "
            "clip ids) already present. `code` names the code measured (`before` = the list-of-dicts plan "
-           "of today, measured from a copy of the tree). Targets (issue 13): 1M entries started < 60 s with driver peak RSS "
+           "and `from_items`, measured from a copy of the tree; `after` = the columnar plan: Arrow manifest, "
+           "task shards read by `read_parquet`, pyarrow anti-join on resume). Targets (issue 13): 1M entries started < 60 s with driver peak RSS "
            "< 1 GB; the half-done resume < 60 s before its first new row.")
     return f"# planning\n\n{how}\n\n{table}\n\nRuns:\n{common.runs_markdown(data)}\n"
 

@@ -3,17 +3,22 @@
 It answers without a model (the text echoes the prompt and the frame count) and reports telemetry
 that is *not measured*. Use it for dry runs of the Ray graph (``meda annotate --engine fake``) and
 pipeline tests that are about the pipeline; the real engine runs through the same code otherwise.
+`FakePreprocessor` is its CPU half (the job's ``Preprocess`` stage), as `meda_engine.engine.Preprocessor`
+is the real engine's; neither imports torch or transformers.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from meda_engine import ConfigError, Request, Result, Telemetry
+
+FAIL_WORD = "FAIL_PREPARE"  # a prompt containing it fails in prepare, like an over-long prompt
 
 
 @dataclass
@@ -22,8 +27,38 @@ class FakePrepared:
     n_frames: int
 
 
+@dataclass
+class FakeHostPrompt:
+    """The fake engine's prepared prompt, in the fields of `meda_engine.engine.HostPrompt` (numpy only)."""
+
+    input_ids: np.ndarray
+    modality: np.ndarray
+    vision: dict[str, np.ndarray] = field(default_factory=dict)
+    n_context: int = 0
+    n_frames: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    family: str = "fake"
+
+
+def _text(request: Request) -> str:
+    return " ".join(p for m in request.messages for p in m.content if isinstance(p, str))
+
+
+class FakePreprocessor:
+    """The fake engine's CPU half: fails on `FAIL_WORD`, counts the frames, makes up token ids."""
+
+    family = "fake"
+
+    def preprocess(self, request: Request, *, max_new_tokens: int | None = None) -> FakeHostPrompt:
+        if FAIL_WORD in _text(request):
+            raise ConfigError("fake prepare failure")
+        n = sum(int(np.asarray(getattr(m, "frames", np.zeros((1,)))).shape[0]) for m in request.media)
+        ids = np.arange(10 + n, dtype=np.int64)
+        return FakeHostPrompt(ids, np.zeros(ids.shape, np.int8), n_context=int(ids.shape[0]), n_frames=n)
+
+
 class FakeEngine:
-    FAIL_WORD = "FAIL_PREPARE"  # a prompt containing it fails in prepare, like an over-long prompt
+    FAIL_WORD = FAIL_WORD
     KILL_WORD = "KILL_WORKER"  # a prompt containing it kills the worker process, like a segfault or OOM kill
 
     def __init__(self) -> None:
@@ -37,11 +72,14 @@ class FakeEngine:
         self.delay_s = float(os.environ.get("MEDA_FAKE_DELAY_S", "0"))
 
     def prepare(self, request: Request) -> FakePrepared:
-        text = " ".join(p for m in request.messages for p in m.content if isinstance(p, str))
-        if self.FAIL_WORD in text:
-            raise ConfigError("fake prepare failure")
-        n = sum(int(np.asarray(getattr(m, "frames", np.zeros((1,)))).shape[0]) for m in request.media)
-        return FakePrepared(request, n)
+        """Both halves in one call, as `Engine.prepare`."""
+        return self.from_host(request, FakePreprocessor().preprocess(request))
+
+    def from_host(self, request: Request, host: FakeHostPrompt, generation=None) -> FakePrepared:
+        """The model side of a prompt `FakePreprocessor` prepared (possibly in another process)."""
+        if host.family != "fake":
+            raise ConfigError(f"the prompt was prepared for a {host.family} model; this engine runs fake")
+        return FakePrepared(request, int(host.n_frames))
 
     def generate(self, prepared: list[FakePrepared]) -> list[Result]:
         time.sleep(self.delay_s)

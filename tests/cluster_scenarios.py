@@ -67,7 +67,13 @@ def main() -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
     cfg = AnnotateConfig(input=corpus, output=str(out), engine="fake", baseline="none", batch_size=1, frames=4,
-                         progress=False, num_actors=2, cpus_per_actor=1.0)
+                         progress=False, num_actors=2, cpus_per_actor=0.5, cpus_per_preprocess_worker=0.5)
+    # Sized so that the job can still progress on what is left after a node is lost (head 1 CPU + a fresh
+    # worker node of 2): two model actors and the preprocessing actor (0.5 CPU each), wherever Ray places
+    # them, leave one node with a whole CPU for a decode task. With 1 CPU per model actor (and 1 for the
+    # preprocessing actor) the actors can hold, or split, the 3 CPUs so that no node has a whole CPU free:
+    # no decode task can be placed and the retry round stalls. Ray Data does not shrink or move a fixed
+    # actor pool to make room (docs/pipeline.md, "Preprocessing in a CPU stage").
     killed: dict = {}
 
     def kill_a_node() -> None:

@@ -20,12 +20,14 @@ DEFAULT_INPUT = str(REPO_ROOT / "samples" / "needle-corpus" / "manifest.jsonl")
 DEFAULT_MODEL = str(REPO_ROOT / "models" / "needle-s0")
 DEFAULT_OUTPUT = "out/annotate"
 DEFAULT_PROMPT = "Describe the video in detail."
-DESCRIPTION = "The annotation job: manifest -> read + decode (CPU tasks) -> engine (actor pool) -> Parquet."
+DESCRIPTION = ("The annotation job: manifest -> read + decode (CPU tasks) -> tokenise + resize/patchify (CPU "
+               "actor pool) -> engine (actor pool) -> Parquet.")
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what Engine.from_pretrained takes
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 ENGINES = ("real", "fake")
 BATCHING = ("continuous", "static")
+PREPROCESS = ("cpu-stage", "in-actor")
 # The flag of each AnnotateConfig field (and CompressionConfig field), so a message names what to change.
 FLAGS = {
     "decode_timeout_s": "--decode-timeout", "progress": "--no-progress", "temperature": "--temperature-entropy",
@@ -73,6 +75,13 @@ class AnnotateConfig:
     batches_in_flight: int = 4  # Ray batches one actor works on at once (continuous batching)
     num_actors: int = 1
     max_actors: int | None = None  # autoscale the actor pool up to this many
+    # Where the CPU half of preparation runs (chat template, tokenisation, resize + patchify): "cpu-stage",
+    # a Ray Data actor pool of its own between decode and the model actors (preprocess_workers, autoscaling
+    # up to max_preprocess_workers), or "in-actor", inside the model actor's process (the old path).
+    preprocess: str = "cpu-stage"
+    preprocess_workers: int = 1
+    max_preprocess_workers: int | None = None
+    cpus_per_preprocess_worker: float = 1.0
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     decode_timeout_s: float = 120.0
@@ -216,6 +225,14 @@ def _validate(cfg: AnnotateConfig) -> None:
     whole("max_actors", 1, optional=True)
     if cfg.max_actors is not None and cfg.max_actors < cfg.num_actors:
         fail("max_actors", f"must be >= --num-actors ({cfg.num_actors}), got {cfg.max_actors}")
+    if cfg.preprocess not in PREPROCESS:
+        fail("preprocess", f"must be one of {', '.join(PREPROCESS)}, got {cfg.preprocess!r}")
+    whole("preprocess_workers", 1)
+    whole("max_preprocess_workers", 1, optional=True)
+    if cfg.max_preprocess_workers is not None and cfg.max_preprocess_workers < cfg.preprocess_workers:
+        fail("max_preprocess_workers", f"must be >= --preprocess-workers ({cfg.preprocess_workers}), "
+                                       f"got {cfg.max_preprocess_workers}")
+    real("cpus_per_preprocess_worker", minimum=0)
     real("gpus_per_actor", minimum=0)
     real("cpus_per_actor", minimum=0)
     real("decode_timeout_s", positive=True)
@@ -291,6 +308,17 @@ def add_annotate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-actors", type=int, default=d.num_actors, help="model actors (minimum of the pool)")
     p.add_argument("--max-actors", type=int, default=None,
                    help="autoscale the pool up to this many actors (default: --num-actors)")
+    p.add_argument("--preprocess", default=d.preprocess, choices=PREPROCESS,
+                   help="where prompts are tokenised and frames resized + patchified: cpu-stage, a Ray Data "
+                        "CPU actor pool between decode and the model actors (the model actor receives the "
+                        "prepared arrays); in-actor: inside the model actor's process")
+    p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers,
+                   help="CPU preprocessing workers (minimum of their pool; each loads the tokenizer once)")
+    p.add_argument("--max-preprocess-workers", type=int, default=None,
+                   help="autoscale the preprocessing pool up to this many workers (default: "
+                        "--preprocess-workers)")
+    p.add_argument("--cpus-per-preprocess-worker", type=float, default=d.cpus_per_preprocess_worker,
+                   help="CPUs each preprocessing worker holds")
     p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs each model actor holds")
     p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor,
                    help="CPUs each model actor holds (also its torch threads)")

@@ -2,8 +2,17 @@
 
     OUTPUT/
       run.json                      run id, configuration, its fingerprint and key, code version (see plan.py)
-      _manifest/manifest.parquet    the planned inputs
+      _manifest/manifest.parquet/   the planned inputs, sorted by clip_id: Parquet shards part-NNNNN.parquet
+                                    (a directory named like a file, as Spark/Hive datasets are; a run from
+                                    before shards holds one file there, still read). Written to
+                                    manifest.parquet.new/ first, then swapped in
+      _plan/<attempt>/part-NNNNN.parquet
+                                    the (clip, method) tasks of one attempt ("tasks": the run's pending tasks;
+                                    "lost-N": the retry round of the rows lost with their batch), read by Ray
+                                    Data; each attempt's directory is emptied before it is written, and _plan/
+                                    is removed when the run ends
       rows/*.parquet                result rows, one file per written block; row_id = clip:method:config key
+                                    (and worker-errors-*.parquet: rows of batches Ray gave up on)
       _partial/...                  unreadable row files (a killed write) moved aside on resume
       summary.json                  counts, throughput, KV savings (written when the run ends)
 
@@ -17,6 +26,8 @@ from dataclasses import dataclass
 ROWS = "rows"
 MANIFEST_DIR = "_manifest"
 MANIFEST_FILE = "manifest.parquet"
+MANIFEST_STAGING = "manifest.parquet.new"
+PLAN = "_plan"
 PARTIAL = "_partial"
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
@@ -40,6 +51,30 @@ class RunLayout:
     @property
     def manifest(self) -> str:
         return join(self.output, MANIFEST_DIR, MANIFEST_FILE)
+
+    @property
+    def manifest_staging(self) -> str:
+        """Where a new manifest's shards are written before they replace `manifest`."""
+        return join(self.output, MANIFEST_DIR, MANIFEST_STAGING)
+
+    @staticmethod
+    def part(directory: str, index: int) -> str:
+        """The ``index``-th Parquet shard of a sharded dataset (manifest, plan) under ``directory``."""
+        return join(directory, f"part-{index:05d}.parquet")
+
+    @property
+    def plan(self) -> str:
+        return join(self.output, PLAN)
+
+    def plan_attempt(self, attempt: str) -> str:
+        """The task shards of one attempt ("tasks", "lost-1", ...)."""
+        if not attempt or "/" in attempt:
+            raise ValueError(f"bad plan attempt name {attempt!r}")
+        return join(self.output, PLAN, attempt)
+
+    def worker_errors(self, stamp: str) -> str:
+        """The row file of the batches Ray gave up on, written at ``stamp`` (a time and a pid)."""
+        return join(self.rows, f"worker-errors-{stamp}.parquet")
 
     @property
     def partial(self) -> str:

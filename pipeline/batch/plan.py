@@ -116,58 +116,330 @@ def current_config_rows(df, output: str, storage_options: dict[str, Any] | None 
 
 # ------------------------------------------------------------------------------------------ existing rows
 
+ROW_KEY_COLUMNS = ("row_id", "status", "created_at")
+
 
 @dataclass
 class ExistingRows:
-    status: dict[str, str] = field(default_factory=dict)  # row_id -> status of its latest row (this config)
-    created: dict[str, Any] = field(default_factory=dict)  # row_id -> created_at of that row
+    """Each row_id's latest row under OUTPUT/rows (of one configuration), as an Arrow table with the columns
+    `ROW_KEY_COLUMNS` (never one Python object per row)."""
+
+    latest: Any = None  # pa.Table(row_id, status, created_at), one row per row_id
     moved: int = 0  # unreadable (partial) files moved aside
     other_config: int = 0  # rows of other configurations in the directory
+
+    def __len__(self) -> int:
+        return 0 if self.latest is None else self.latest.num_rows
+
+    @property
+    def n_ok(self) -> int:
+        import pyarrow.compute as pc
+
+        return 0 if not len(self) else int(pc.sum(pc.equal(self.latest.column("status"), "ok")).as_py() or 0)
+
+    @property
+    def status(self) -> dict[str, str]:
+        """row_id -> status (a dict: for small runs and tests only)."""
+        return {} if not len(self) else dict(zip(self.latest.column("row_id").to_pylist(),
+                                                 self.latest.column("status").to_pylist()))
 
 
 def read_done_rows(cfg: AnnotateConfig, key: str | None = None, legacy_key: str | None = None) -> ExistingRows:
     """The rows already under OUTPUT/rows of configuration ``key`` (all, when None): each row_id's latest
-    status. Unreadable (partial) files, which a job killed while writing leaves, are moved to
-    OUTPUT/_partial (same relative path) and counted."""
-    opts = cfg.storage_options()
-    fs, out_root = storage.filesystem_for(cfg.output, **opts)
+    status and created_at. Reads only the three key columns, columnar. Unreadable (partial) files, which a
+    job killed while writing leaves, are moved to OUTPUT/_partial (same relative path) and counted."""
+    import pyarrow.compute as pc
+
+    table, moved = _read_row_keys(cfg.output, cfg.storage_options())
+    found = ExistingRows(moved=moved)
+    if table is None or not table.num_rows:
+        found.latest = _empty_keys()
+        return found
+    if key is not None:
+        mine = pc.fill_null(pc.equal(row_keys(table.column("row_id"), legacy_key), key), False)
+        found.other_config = table.num_rows - int(pc.sum(mine).as_py() or 0)
+        table = table.filter(mine)
+    found.latest = _latest(table)
+    return found
+
+
+def row_keys(row_ids, legacy_key: str | None = None):
+    """`key_of_row` over a column of row ids (null where neither the id nor ``legacy_key`` gives one)."""
+    import pyarrow.compute as pc
+
+    keys = pc.struct_field(pc.extract_regex(row_ids, r"@(?P<key>[0-9a-f]{8})$"), [0])
+    return pc.fill_null(keys, legacy_key) if legacy_key is not None else keys
+
+
+def _empty_keys():
+    import pyarrow as pa
+
+    return pa.table({"row_id": pa.array([], pa.string()), "status": pa.array([], pa.string()),
+                     "created_at": pa.array([], pa.timestamp("us", tz="UTC"))})
+
+
+def _latest(table):
+    """One row per row_id: the one with the latest created_at (null oldest; equal times: the later file)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = table.combine_chunks()
+    if table.num_rows < 2:
+        return table
+    created = table.column("created_at")  # epoch microseconds, null as the oldest (pyarrow-version-proof)
+    created = pc.fill_null(created.cast(pa.timestamp("us", tz=getattr(created.type, "tz", None))).cast(pa.int64()),
+                           -(2**63))
+    keys = pa.table({"row_id": table.column("row_id"), "t": created})
+    order = pc.sort_indices(keys, sort_keys=[("row_id", "ascending"), ("t", "ascending")])  # stable: file order on ties
+    table = table.take(order)
+    n = table.num_rows
+    rid = table.column("row_id").combine_chunks()
+    last = pc.not_equal(rid.slice(0, n - 1), rid.slice(1))
+    return table.filter(pa.concat_arrays([last, pa.array([True])]))
+
+
+def _read_row_keys(output: str, opts: dict[str, Any]):
+    """(row_id/status/created_at of every row file under OUTPUT/rows, files moved aside). One multi-threaded
+    pyarrow.dataset scan; if a file cannot be read, each file is read on its own and the unreadable ones are
+    moved to _partial."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    fs, out_root = storage.filesystem_for(output, **opts)
     layout = RunLayout(out_root)
     root = layout.rows
     fs.invalidate_cache(root)  # another process (or Ray's workers) may have written since we last listed
-    found = ExistingRows()
     if not fs.exists(root):
-        return found
-    import pyarrow.parquet as pq
-
-    latest: dict[str, tuple[Any, str]] = {}
-    for path in sorted(p for p in fs.find(root) if p.endswith(".parquet")):
+        return None, 0
+    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    if not paths:
+        return None, 0
+    pa_fs, _ = storage.pyarrow_filesystem_for(output, **opts)
+    try:
+        return pads.dataset(paths, filesystem=pa_fs, format="parquet").to_table(columns=list(ROW_KEY_COLUMNS)), 0
+    except Exception:  # noqa: BLE001 - a partial file (killed write) or mixed schemas: file by file
+        pass
+    tables, moved = [], 0
+    for path in paths:
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["row_id", "status", "created_at"])
-        except Exception:
+                tables.append(pq.read_table(f, columns=list(ROW_KEY_COLUMNS)))
+        except Exception:  # noqa: BLE001 - unreadable: moved aside, its rows are redone
             target = layout.partial_target(path)
             fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             fs.mv(path, target)
-            found.moved += 1
+            moved += 1
+    if not tables:
+        return None, moved
+    return pa.concat_tables(tables, promote_options="permissive"), moved
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+MANIFEST_ROWS_PER_PART = 200_000
+PLAN_ROWS_PER_PART = 50_000
+TASK_COLUMNS = ("row_id", "clip_id", "uri", "kind", "prompt", "expected_answer", "method", "sample_fps",
+                "sample_frames", "max_new_tokens")
+
+
+def task_schema():
+    import pyarrow as pa
+
+    s = pa.string()
+    return pa.schema([("row_id", s), ("clip_id", s), ("uri", s), ("kind", s), ("prompt", s), ("expected_answer", s),
+                      ("method", s), ("sample_fps", pa.float64()), ("sample_frames", pa.int64()),
+                      ("max_new_tokens", pa.int64())])
+
+
+def _write_parts(parts, directory: str, opts: dict[str, Any], schema=None) -> int:
+    """Write the tables of ``parts`` as part-NNNNN.parquet under ``directory`` (emptied first); at least one
+    part, so the directory always holds the schema. Returns the rows written."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem_for(directory, **opts)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    n, i = 0, 0
+    for table in parts:
+        if i and not table.num_rows:
             continue
-        for rid, status, created in zip(*(table.column(c).to_pylist() for c in ("row_id", "status", "created_at"))):
-            if key is not None and key_of_row(rid, legacy_key) != key:
-                found.other_config += 1
-                continue
-            if rid not in latest or (created is not None and (latest[rid][0] is None or created >= latest[rid][0])):
-                latest[rid] = (created, status)
-    found.status = {rid: status for rid, (_, status) in latest.items()}
-    found.created = {rid: created for rid, (created, _) in latest.items()}
-    return found
+        with fs.open(RunLayout.part(path, i), "wb") as f:
+            pq.write_table(table if schema is None else table.cast(schema), f)
+        n, i = n + table.num_rows, i + 1
+    if i == 0 and schema is not None:
+        with fs.open(RunLayout.part(path, 0), "wb") as f:
+            pq.write_table(schema.empty_table(), f)
+    return n
+
+
+def _dataset(url: str, opts: dict[str, Any]):
+    """A pyarrow dataset over a sharded directory (or one file: a manifest from before shards)."""
+    import pyarrow.dataset as pads
+
+    pa_fs, path = storage.pyarrow_filesystem_for(url, **opts)
+    return pads.dataset(path, filesystem=pa_fs, format="parquet")
+
+
+@dataclass
+class Tasks:
+    """The pending (clip, method) tasks of one attempt: Parquet shards under OUTPUT/_plan/<attempt>/ (see
+    layout.py), columns `TASK_COLUMNS`. Never held whole by the driver: Ray Data reads them (read_parquet)."""
+
+    url: str
+    n: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, columns: list[str] | None = None, row_ids=None):
+        """The tasks as one table (only ``columns``; only the ``row_ids`` given, an Arrow array)."""
+        import pyarrow.dataset as pads
+
+        flt = None if row_ids is None else pads.field("row_id").isin(row_ids)
+        return _dataset(self.url, self.storage_options).to_table(columns=columns, filter=flt)
+
+    def subset(self, row_ids, attempt: str) -> "Tasks":
+        """The tasks whose row_id is in ``row_ids`` (an Arrow array), written as the shards of ``attempt``."""
+        import pyarrow.dataset as pads
+
+        ds = _dataset(self.url, self.storage_options)
+        url = RunLayout(_output_of(self.url)).plan_attempt(attempt)
+        parts = (frag.to_table(filter=pads.field("row_id").isin(row_ids)) for frag in ds.get_fragments())
+        n = _write_parts(parts, url, self.storage_options, task_schema())
+        return Tasks(url, n, self.storage_options)
+
+
+def _output_of(attempt_url: str) -> str:
+    """The run directory of a plan attempt's URL (OUTPUT/_plan/<attempt>)."""
+    return attempt_url.rstrip("/").rsplit("/", 2)[0]
+
+
+def remove_plan(cfg: AnnotateConfig) -> None:
+    """Remove OUTPUT/_plan (the run's task shards) once the run has ended."""
+    fs, path = storage.filesystem_for(RunLayout(cfg.output).plan, **cfg.storage_options())
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@dataclass
+class Manifest:
+    """The run's inputs: Parquet shards under OUTPUT/_manifest/manifest.parquet/ (sorted by clip_id)."""
+
+    url: str
+    n_inputs: int
+    stale: Any = None  # clip ids (Arrow array) whose bytes changed but whose rows this run does not redo
+    needs_finish: bool = False  # some input's rows_version differs from its source_version (see finish_manifest)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.n_inputs
+
+    def read(self, columns: list[str] | None = None):
+        return _dataset(self.url, self.storage_options).to_table(columns=columns)
+
+
+def write_manifest(table, cfg: AnnotateConfig) -> str:
+    """Write the manifest ``table`` as shards: to manifest.parquet.new/ first, then swapped in for the previous
+    manifest (a directory of shards, or one file from before shards). Returns its URL."""
+    layout = RunLayout(cfg.output)
+    opts = cfg.storage_options()
+    parts = (table.slice(s, MANIFEST_ROWS_PER_PART) for s in range(0, max(1, table.num_rows), MANIFEST_ROWS_PER_PART))
+    _write_parts(parts, layout.manifest_staging, opts)
+    fs, final = storage.filesystem_for(layout.manifest, **opts)
+    _, staging = storage.filesystem_for(layout.manifest_staging, **opts)
+    fs.invalidate_cache(final.rsplit("/", 1)[0])
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    fs.invalidate_cache(staging)
+    fs.makedirs(final, exist_ok=True)
+    for src in sorted(fs.find(staging)):  # file by file (an object store has no directory rename)
+        fs.mv(src, final + src[len(staging):])
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    fs.invalidate_cache(final.rsplit("/", 1)[0])
+    return layout.manifest
+
+
+def _read_manifest_versions(cfg: AnnotateConfig):
+    """(clip_id, made_from) per the run's previous manifest: the version of the bytes each input's rows were made
+    from (``rows_version``, else ``source_version``); None without a readable previous manifest (an unreadable
+    one, a killed write, only loses change detection)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    opts = cfg.storage_options()
+    url = RunLayout(cfg.output).manifest
+    fs, path = storage.filesystem_for(url, **opts)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+    if not fs.exists(path):
+        return None
+    try:
+        ds = _dataset(url, opts)
+        cols = [c for c in ("clip_id", "rows_version", "source_version") if c in ds.schema.names]
+        if "clip_id" not in cols:
+            return None
+        t = ds.to_table(columns=cols)
+    except Exception:  # noqa: BLE001
+        return None
+
+    def col(name):
+        if name not in t.column_names:
+            return pa.nulls(t.num_rows, pa.string())
+        c = t.column(name).cast(pa.string())
+        return pc.if_else(pc.equal(c, ""), None, c)
+
+    made = pc.coalesce(col("rows_version"), col("source_version"))
+    return pa.table({"clip_id": t.column("clip_id").cast(pa.string()), "made_from": made})
+
+
+def finish_manifest(manifest: Manifest, cfg: AnnotateConfig) -> None:
+    """After a run that completed: the rows of every input but the stale ones (changed, not redone:
+    ``--only-new``) now reflect its current bytes (rows_version := source_version). Rewrites the shards only
+    when some input's rows_version differs (inputs changed since their rows were made); each shard is written
+    to a hidden file and moved over the old one."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not manifest.needs_finish:
+        return
+    opts = cfg.storage_options()
+    fs, root = storage.filesystem_for(manifest.url, **opts)
+    fs.invalidate_cache(root)
+    stale = manifest.stale
+    for path in sorted(p for p in fs.find(root) if p.endswith(".parquet")):
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f)
+        keep = (pc.is_in(t.column("clip_id"), value_set=stale) if stale is not None and len(stale)
+                else pc.equal(t.column("clip_id"), None))
+        rv = pc.if_else(pc.fill_null(keep, False), t.column("rows_version"), t.column("source_version"))
+        t = t.set_column(t.column_names.index("rows_version"), "rows_version", rv)
+        d, name = path.rsplit("/", 1)
+        tmp = f"{d}/.{name}.tmp"
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(t, f)
+        fs.mv(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def plan_run(cfg: AnnotateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Check the configuration against the run's, write the manifest and run.json; return (manifest,
-    pending tasks, run info). Raises ConfigMismatch (nothing written) for a rerun with another configuration
-    without ``cfg.new_config``."""
+def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
+    """Check the configuration against the run's, write run.json, the manifest (shards) and the pending tasks
+    (shards under OUTPUT/_plan/tasks/); return (manifest, tasks, run info). Raises ConfigMismatch (nothing
+    written) for a rerun with another configuration without ``cfg.new_config``.
+
+    Columnar throughout: the manifest is an Arrow table, the resume an anti-join of the tasks' row ids against
+    the latest row of each row_id already written (`read_done_rows`), both in pyarrow's C++ kernels on the
+    driver; the driver holds the manifest's columns and the narrow (position, method, row_id, status) task
+    columns, never one Python object per entry (docs/pipeline.md, "Planning" for the bytes per entry)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     opts = cfg.storage_options()
     fs, out_root = storage.filesystem_for(cfg.output, **opts)
     layout = RunLayout(out_root)
@@ -201,111 +473,157 @@ def plan_run(cfg: AnnotateConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
     info.update(config=asdict(cfg), fingerprint=fp, config_key=key, code_version=version, updated=time.time())
 
     unreadable: list[str] = []
-    manifest = storage.build_manifest(cfg.input, unreadable=unreadable, **opts)
-    manifest.sort(key=lambda r: r["clip_id"])
+    table = storage.build_manifest_table(cfg.input, unreadable=unreadable, **opts)
+    table = table.take(pc.sort_indices(table.column("clip_id")))  # stable: listing / manifest order on ties
     if cfg.limit is not None:
-        manifest = manifest[: cfg.limit]
+        table = table.slice(0, cfg.limit)
     if unreadable:
         print(f"[meda] warning: {len(unreadable)} director{'y' if len(unreadable) == 1 else 'ies'} under "
               f"{cfg.input} could not be listed (permissions?); their files are not in this run: "
               f"{', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}", file=sys.stderr, flush=True)
+    n = table.num_rows
 
     # Inputs whose bytes changed since their rows were made: compare with what the previous manifest says
     # the rows were made from (`rows_version`; set to the current `source_version` once a run completes).
-    previous = _read_manifest_versions(layout.manifest, opts)
-    changed: set[str] = set()
-    for item in manifest:
-        made_from = previous.get(item["clip_id"])
-        now = item.get("source_version")
-        if made_from and now and made_from != now:
-            changed.add(item["clip_id"])
-        item["rows_version"] = made_from or now  # stale until this run redoes the input's rows
+    previous = _read_manifest_versions(cfg)
+    now = table.column("source_version")
+    if previous is not None and previous.num_rows:
+        made_from = pc.take(previous.column("made_from"),
+                            pc.index_in(table.column("clip_id"), value_set=previous.column("clip_id")))
+    else:
+        made_from = pa.nulls(n, pa.string())
+    changed = pc.fill_null(pc.and_(pc.and_(pc.is_valid(made_from), pc.is_valid(now)), pc.not_equal(made_from, now)),
+                           False)
+    rows_version = pc.coalesce(made_from, now)  # stale until this run redoes the input's rows
+    table = table.drop_columns([c for c in ("rows_version",) if c in table.column_names]).append_column(
+        "rows_version", rows_version)
 
+    # The (clip, method) pairs: every input with the main method, the baseline sample also with the baseline;
+    # in manifest order, an input's methods side by side (decode reads it once).
     existing = read_done_rows(cfg, key, info.get("legacy_key"))
-    tasks, n_retried, n_redone_changed, n_skipped_errors = [], 0, 0, 0
-    for i, item in enumerate(manifest):
-        for method in cfg.methods_for(i):
-            rid = row_id(item["clip_id"], method, key)
-            if info.get("legacy_key") == key and rid not in existing.status:
-                rid = f"{item['clip_id']}:{method}"  # keep a pre-fingerprint run's ids (and resume it)
-            status = existing.status.get(rid)
-            if status is not None:
-                if cfg.only_new:
-                    n_skipped_errors += status != "ok"
-                    continue
-                if status != "ok":
-                    n_retried += 1  # a transient read error, a config error, an input repaired since, ...
-                elif item["clip_id"] in changed:
-                    n_redone_changed += 1  # succeeded, but on bytes that have changed since
-                else:
-                    continue
-            tasks.append({
-                "row_id": rid,
-                "clip_id": item["clip_id"],
-                "uri": item["uri"],
-                "kind": item.get("kind") or "",  # unknown: decided from the bytes
-                "prompt": item.get("prompt") or cfg.prompt,
-                "expected_answer": None if item.get("answer") is None else str(item["answer"]),
-                "method": method,
-                # per-input sampling from the manifest (columns `fps` / `frames`), else the run's
-                "sample_fps": float(item["fps"]) if item.get("fps") not in (None, "") else (cfg.fps or 0.0),
-                "sample_frames": int(item["frames"]) if item.get("frames") not in (None, "") else cfg.frames,
-                # per-input answer length (column `max_new_tokens`), else the run's
-                "max_new_tokens": (int(item["max_new_tokens"]) if item.get("max_new_tokens") not in (None, "")
-                                   else cfg.max_new_tokens),
-            })
+    methods, n_sample = _methods(cfg, n)
+    pos = np.concatenate([np.arange(n, dtype=np.int64), np.arange(n_sample, dtype=np.int64)])
+    which = np.concatenate([np.zeros(n, np.int8), np.ones(n_sample, np.int8)])
+    order = np.lexsort((which, pos))
+    pos, which = pos[order], which[order]
+    method = pc.take(pa.array(methods, pa.string()), pa.array(which))
+    clip = pc.take(table.column("clip_id"), pa.array(pos))
+    rid = pc.binary_join_element_wise(clip, ":", method, "@" + key, "")
+    done_ids = existing.latest.column("row_id")
+    if info.get("legacy_key") == key:  # keep a pre-fingerprint run's ids (and resume it)
+        legacy = pc.binary_join_element_wise(clip, ":", method, "")
+        rid = pc.if_else(pc.is_in(rid, value_set=done_ids), rid, legacy)
+    status = anti_join_status(rid, existing.latest)
+    has = pc.is_valid(status)
+    ok = pc.fill_null(pc.equal(status, "ok"), False)
+    failed = pc.and_(has, pc.invert(ok))  # a transient read error, a config error, an input repaired since, ...
+    changed_t = pc.take(changed, pa.array(pos))
+    if cfg.only_new:
+        select = pc.invert(has)
+        n_retried, n_redone, n_kept_errors = 0, 0, _count(failed)
+    else:
+        redo = pc.and_(ok, changed_t)  # succeeded, but on bytes that have changed since
+        select = pc.or_(pc.or_(pc.invert(has), failed), redo)
+        n_retried, n_redone, n_kept_errors = _count(failed), _count(redo), 0
+    sel_pos = pc.filter(pa.array(pos), select)
+    sel_rid = pc.filter(rid, select)
+    sel_method = pc.filter(method, select)
+    del clip, rid, status, has, ok, failed, changed_t, method, order, which
+
+    has_task = np.zeros(n, bool)
+    has_task[sel_pos.to_numpy()] = True
+    stale = pc.and_(changed, pa.array(~has_task))
+    stale_clips = pc.filter(table.column("clip_id"), stale)
+    rv, sv = table.column("rows_version"), table.column("source_version")
+    same = pc.or_(pc.fill_null(pc.equal(rv, sv), False), pc.and_(pc.is_null(rv), pc.is_null(sv)))
+    needs_finish = _count(pc.and_(pc.invert(same), pc.invert(stale))) > 0
 
     fs.makedirs(out_root, exist_ok=True)
     with fs.open(layout.run_json, "w") as f:
         json.dump(info, f, indent=1, default=str)
-    write_manifest(manifest, cfg)
+    manifest = Manifest(write_manifest(table, cfg), n, stale_clips, needs_finish, opts)
+    parts = (_task_part(cfg, table, sel_pos.slice(s, PLAN_ROWS_PER_PART), sel_rid.slice(s, PLAN_ROWS_PER_PART),
+                        sel_method.slice(s, PLAN_ROWS_PER_PART))
+             for s in range(0, len(sel_pos), PLAN_ROWS_PER_PART))
+    attempt = RunLayout(cfg.output).plan_attempt("tasks")
+    n_tasks = _write_parts(parts, attempt, opts, task_schema())
+    tasks = Tasks(attempt, n_tasks, opts)
     info.update(
-        n_inputs=len(manifest), n_done_before=sum(s == "ok" for s in existing.status.values()),
-        n_pending=len(tasks), n_retried_errors=n_retried, n_changed_inputs=len(changed),
-        n_redone_changed=n_redone_changed, n_errors_kept=n_skipped_errors, n_partial_moved=existing.moved,
+        n_inputs=n, n_done_before=existing.n_ok,
+        n_pending=n_tasks, n_retried_errors=n_retried, n_changed_inputs=_count(changed),
+        n_redone_changed=n_redone, n_errors_kept=n_kept_errors, n_partial_moved=existing.moved,
         n_other_config_rows=existing.other_config, n_unreadable_dirs=len(unreadable),
-        unreadable_dirs=unreadable[:100], stale_clips=sorted(changed - _clips(tasks)),
+        unreadable_dirs=unreadable[:100], n_stale_inputs=len(stale_clips),
     )
     return manifest, tasks, info
 
 
-def _clips(tasks: list[dict[str, Any]]) -> set[str]:
-    return {t["clip_id"] for t in tasks}
+def anti_join_status(row_ids, latest):
+    """The resume's anti-join, columnar: for each task row id, the status of its latest row already written
+    (null: none, the task is new). A hash lookup of ``row_ids`` in ``latest.row_id`` (pyarrow's C++ kernel)."""
+    import pyarrow.compute as pc
+
+    return pc.take(latest.column("status"), pc.index_in(row_ids, value_set=latest.column("row_id")))
 
 
-def finish_manifest(manifest: list[dict[str, Any]], cfg: AnnotateConfig, stale: Any = ()) -> None:
-    """After a run that completed: the rows of every input but the ``stale`` ones (changed, not redone:
-    ``--only-new``) now reflect its current bytes."""
-    stale = set(stale)
-    for item in manifest:
-        if item["clip_id"] not in stale:
-            item["rows_version"] = item.get("source_version")
-    write_manifest(manifest, cfg)
+def _count(mask) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(mask).as_py() or 0)
 
 
-def _read_manifest_versions(url: str, opts: dict[str, Any]) -> dict[str, str]:
-    """clip_id -> the version of the bytes its rows were made from, per the run's previous manifest."""
-    fs, path = storage.filesystem_for(url, **opts)
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return {}
-    import pyarrow.parquet as pq
-
-    try:
-        with fs.open(path, "rb") as f:
-            rows = pq.read_table(f).to_pylist()
-    except Exception:  # noqa: BLE001 - an unreadable manifest (killed write) only loses change detection
-        return {}
-    return {r["clip_id"]: r.get("rows_version") or r.get("source_version") for r in rows
-            if r.get("rows_version") or r.get("source_version")}
+def _methods(cfg: AnnotateConfig, n: int) -> tuple[list[str], int]:
+    """([main method, baseline?], how many of the first inputs also get the baseline): `methods_for` over
+    inputs 0..n-1, in two numbers (tests/test_planning.py checks they agree)."""
+    with_baseline = cfg.methods_for(-1)  # index -1 is below any sample size: the baseline if it runs at all
+    if len(with_baseline) == 1:
+        return with_baseline, 0
+    return with_baseline, n if cfg.baseline_sample < 0 else min(n, cfg.baseline_sample)
 
 
-def write_manifest(manifest: list[dict[str, Any]], cfg: AnnotateConfig) -> None:
+def _task_part(cfg: AnnotateConfig, table, pos, rid, method):
+    """The task columns of one shard: the manifest's rows at ``pos`` with the run's defaults filled in."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
-    fs, path = storage.filesystem_for(RunLayout(cfg.output).manifest, **cfg.storage_options())
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    table = pa.Table.from_pylist([{k: (None if v is None else str(v)) for k, v in r.items()} for r in manifest])
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    m = table.take(pos)
+    names = m.column_names
+
+    def given(name: str, typ):
+        if name not in names:
+            return pa.nulls(m.num_rows, typ)
+        c = m.column(name)
+        if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
+            c = pc.if_else(pc.equal(c, ""), None, c)
+        try:
+            if pa.types.is_integer(typ) and pa.types.is_floating(c.type):
+                c = pc.trunc(c)
+            return c.cast(typ)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"{cfg.input}: manifest column {name!r} holds a value that is not a number: {e}") from None
+
+    return pa.table({
+        "row_id": rid,
+        "clip_id": m.column("clip_id"),
+        "uri": m.column("uri"),
+        "kind": pc.fill_null(m.column("kind"), ""),  # unknown: decided from the bytes
+        "prompt": pc.fill_null(m.column("prompt"), cfg.prompt),
+        "expected_answer": _answers(m.column("answer")) if "answer" in names else pa.nulls(m.num_rows, pa.string()),
+        "method": method,
+        # per-input sampling from the manifest (columns `fps` / `frames`), else the run's
+        "sample_fps": pc.fill_null(given("fps", pa.float64()), float(cfg.fps or 0.0)),
+        "sample_frames": pc.fill_null(given("frames", pa.int64()), int(cfg.frames)),
+        # per-input answer length (column `max_new_tokens`), else the run's
+        "max_new_tokens": pc.fill_null(given("max_new_tokens", pa.int64()), int(cfg.max_new_tokens)),
+    })
+
+
+def _answers(column):
+    """``str(answer)`` per row (null stays null): Arrow's cast for strings and integers, Python's str otherwise
+    (Arrow spells floats and booleans differently)."""
+    import pyarrow as pa
+
+    t = column.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) or pa.types.is_null(t):
+        return column.cast(pa.string())
+    return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
