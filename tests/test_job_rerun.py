@@ -199,6 +199,7 @@ def test_unreadable_file_and_directory_as_a_non_root_user(request):
     assert "could not be listed" in res.stderr and "locked" in res.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == 3 and summary["status_counts"] == {"ok": 2, "error": 1}
+    assert summary["unreadable_dirs"] == 1  # the locked directory, counted where users look
     df = read_rows(str(out))
     secret = df[df.uri.str.endswith("secret.mp4")].iloc[0]
     assert secret.status == "error" and secret.error_stage == "read" and "Permission" in secret.error

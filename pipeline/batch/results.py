@@ -75,6 +75,8 @@ def summarize(cfg: AnnotateConfig, info: dict[str, Any], wall_s: float, stats_te
         "budget": cfg.budget,
         "baseline": cfg.baseline,
         "inputs": info["n_inputs"],
+        # directories (or S3 sub-prefixes) under the input that could not be listed: their files are not inputs
+        "unreadable_dirs": int(info.get("n_unreadable_dirs") or 0),
         "rows": int(len(df)),
         "status_counts": {str(k): int(v) for k, v in df.status.value_counts().items()},
         "errors_by_stage": {str(k): int(v) for k, v in errors.error_stage.value_counts().items()},
