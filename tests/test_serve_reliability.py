@@ -439,8 +439,11 @@ def test_cluster_recipe_with_the_key_on_the_launching_side_only(checkpoint, tmp_
 def test_meda_serve_stops_on_ctrl_c_and_sigterm_even_when_started_with_sigint_ignored(sig):
     """A launcher that ignores SIGINT passes that on to its children (exec keeps SIG_IGN): without its own
     handlers `meda serve` would never see Ctrl-C and leave the app serving. SIGTERM stops it the same way."""
-    code = ("import time\nfrom pipeline.serve.cli import _stop_on_signals\n_stop_on_signals()\nprint('ready', flush=True)\n"
-            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('stopping cleanly', flush=True)\n")
+    # 'ready' is printed inside the try: a signal that lands between the print and the sleep must be caught too
+    # (printed before it, the test raced: on a busy core the interrupt could arrive outside the try).
+    code = ("import time\nfrom pipeline.serve.cli import _stop_on_signals\n_stop_on_signals()\n"
+            "try:\n    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            "    print('stopping cleanly', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.stdout.readline().strip() == "ready"
