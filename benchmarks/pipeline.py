@@ -156,10 +156,12 @@ def pipeline_run(checkpoint: str, manifest: Path, out: Path, args, *, batching: 
     busy = _union_length([(a, a + d) for a, d in zip(starts, calls.batch_infer_s)])
     # Steady state: rows finished after the first engine call, over the time since it finished (excludes
     # Ray Data start-up and the actor's model load, which a long job pays once).
-    done = df.sort_values("created_at")
-    first = done.iloc[0]
-    later = done[done.batch_id != first.batch_id]
-    span = (later.created_at.max() - first.created_at).total_seconds() if len(later) else 0.0
+    # A row's finish: its call's start (created_at) + the call's duration (calls overlap under continuous
+    # batching, so the call starts alone would bunch at the beginning and inflate the rate).
+    finish = df.created_at.map(lambda t: t.timestamp()) + df.batch_infer_s.astype(float)
+    first_call = finish[df.batch_id == df.loc[finish.idxmin(), "batch_id"]].max()
+    later = finish[finish > first_call]
+    span = float(later.max() - first_call) if len(later) else 0.0
     steady = len(later) / span if span > 0 else None
     engine_busy, prepare_in_actor = _engine_busy(ok) if batching == "continuous" else (None, None)
     return {"wall_s": wall, "rows": int(len(df)), "ok": int(len(ok)), "clips_per_s": len(df) / wall,
