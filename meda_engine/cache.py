@@ -265,3 +265,30 @@ def restore_lengths(cache: "RaggedKVCache", lengths: list[int]) -> None:
         layer.offsets_host = [n]
         layer.lengths = torch.tensor([n], dtype=torch.long, device=layer.keys.device)
         layer.offsets = layer.lengths
+
+
+def split_rows(cache: "RaggedKVCache", reserves: list[int]) -> list["RaggedKVCache"]:
+    """Give each row of a padded ``B``-row cache its own one-row `RaggedKVCache`: per layer
+    ``(1, H_kv, n_b + reserves[b], D)`` holding row ``b``'s valid slots and ``reserves[b]`` free ones
+    (its decode room), nothing shared with any other row.
+
+    The padded cache is emptied layer by layer as its rows are copied out (each layer's padded
+    buffers are released once copied), so the peak is the padded cache plus one layer's row copies.
+    """
+    n = cache.n_rows
+    if len(reserves) != n:
+        raise ValueError(f"expected {n} reserves, got {len(reserves)}")
+    out = [RaggedKVCache(len(cache.layers), 1, reserve=r) for r in reserves]
+    for l, layer in enumerate(cache.layers):
+        assert layer.keys is not None and layer.values is not None
+        for b in range(n):
+            length = layer.lengths_host[b]
+            k, v = layer.keys[b : b + 1, :, :length], layer.values[b : b + 1, :, :length]
+            keys = torch.zeros((1, k.shape[1], length + reserves[b], k.shape[3]), dtype=k.dtype, device=k.device)
+            values = torch.zeros_like(keys)
+            keys[:, :, :length] = k
+            values[:, :, :length] = v
+            out[b].layers[l].replace(keys, values, [length])
+        layer.keys = layer.values = None  # this layer's padded block is released now
+        layer.lengths = layer.offsets = None
+    return out

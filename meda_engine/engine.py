@@ -37,7 +37,7 @@ import torch
 
 from . import hf_glue
 from .attention import ForwardContext, PrefillStats
-from .cache import RaggedKVCache, RowBatchCache, restore_lengths, snapshot_lengths
+from .cache import RaggedKVCache, RowBatchCache, restore_lengths, snapshot_lengths, split_rows
 from .compression import CompressionOutcome, build_method, compress_cache
 from .config import CompressionConfig, ConfigError, GenerationConfig
 from .memory import PeakMemory, synchronize
@@ -173,6 +173,22 @@ class RowState:
     budget: float | int
     kv_bytes_full: int
     kv_bytes_kept: int
+    prefill_s: float
+    compress_s: float
+
+
+@dataclass
+class _Prefilled:
+    """A padded batch after prefill + compression (`Engine._prefill_padded`)."""
+
+    cache: RaggedKVCache
+    logits: torch.Tensor  # (B, vocab) float32, from each row's last context token
+    positions: list  # per row: (positions (axes, n), next position)
+    comps: list[CompressionConfig]
+    methods: list
+    outcomes: list[CompressionOutcome]
+    kv_full: list[int]
+    kv_kept: list[int]
     prefill_s: float
     compress_s: float
 
@@ -339,19 +355,18 @@ class Engine:
                     yield event
 
     # ---- the loop ---------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _run_batch(self, batch: list[PreparedRequest], default: CompressionConfig) -> Iterator[StreamEvent]:
+    def _prefill_padded(self, batch: list[PreparedRequest], default: CompressionConfig, reserve: int) -> _Prefilled:
+        """Prefill ``batch`` right-padded into one fresh `RaggedKVCache` (``reserve`` free slots per layer
+        after each row's tokens), then compress every row with its own method. The collated pixels and
+        the statistics are dropped before this returns."""
         dev, adapter, dims = self.device, self.adapter, self.dims
         bsz = len(batch)
         prompts = [p.prompt for p in batch]
-        gens = [p.generation for p in batch]
         comps = [p.request.compression or default for p in batch]
         methods = [build_method(c) for c in comps]
         positions = [adapter.positions(self.model, p) for p in prompts]
         n_ctx = [p.n_context for p in prompts]
-        n_query = [p.length - p.n_context for p in prompts]
-        ctx_pad, query_pad = max(n_ctx), max(n_query)
-        max_new = max(g.max_new_tokens for g in gens)
+        ctx_pad = max(n_ctx)
         axes = adapter.position_axes
 
         input_ids = torch.full((bsz, ctx_pad), adapter.pad_token_id, dtype=torch.long)
@@ -368,13 +383,12 @@ class Engine:
         plans = [rp[0] for rp in row_plans]
         variants = [rp[1] for rp in row_plans]
         stats = PrefillStats(plans, dims.n_layers, self.stats_chunk_bytes) if any(p.any for p in plans) else None
-        cache = RaggedKVCache(dims.n_layers, bsz, reserve=max_new + query_pad)
-        peak = PeakMemory(dev)
-        peak.reset()
+        cache = RaggedKVCache(dims.n_layers, bsz, reserve=reserve)
 
         # -- prefill
         t0 = time.perf_counter()
         hidden = self.forward(cache, "prefill", input_ids, pos, n_ctx, vision=vision, modality=mm_types, stats=stats)
+        del vision
         last = hidden[torch.arange(bsz, device=dev), torch.tensor(n_ctx, device=dev) - 1]
         logits = hf_glue.lm_head(self.model)(last).float()
         del hidden
@@ -385,13 +399,32 @@ class Engine:
         # -- compress
         if any(m.scorer is not None for m in methods):
             outcomes = compress_cache(cache, stats, methods, [p.modality[: n_ctx[b]] for b, p in enumerate(prompts)],
-                                      n_ctx, variants, reserve=max_new + query_pad)
+                                      n_ctx, variants, reserve=reserve)
         else:
             outcomes = [CompressionOutcome(cache.layer_lengths(b), None, None) for b in range(bsz)]
         del stats
         synchronize(dev)
         t2 = time.perf_counter()
         kv_kept = [cache.row_bytes(b) for b in range(bsz)]
+        return _Prefilled(cache, logits, positions, comps, methods, outcomes, kv_full, kv_kept, t1 - t0, t2 - t1)
+
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[PreparedRequest], default: CompressionConfig) -> Iterator[StreamEvent]:
+        dev, adapter = self.device, self.adapter
+        bsz = len(batch)
+        prompts = [p.prompt for p in batch]
+        gens = [p.generation for p in batch]
+        n_ctx = [p.n_context for p in prompts]
+        n_query = [p.length - p.n_context for p in prompts]
+        query_pad = max(n_query)
+        max_new = max(g.max_new_tokens for g in gens)
+        axes = adapter.position_axes
+        peak = PeakMemory(dev)
+        peak.reset()
+        pre = self._prefill_padded(batch, default, reserve=max_new + query_pad)
+        cache, logits, positions, comps, methods, outcomes = (pre.cache, pre.logits, pre.positions, pre.comps,
+                                                              pre.methods, pre.outcomes)
+        kv_full, kv_kept = pre.kv_full, pre.kv_kept
 
         # -- extend with the deferred query (query-agnostic protocol)
         if query_pad:
@@ -465,8 +498,8 @@ class Engine:
                 kv_bytes_allocated=allocated,
                 layer_budgets=list(out.layer_tokens),
                 layer_entropies=out.layer_entropies,
-                prefill_s=t1 - t0,
-                compress_s=t2 - t1,
+                prefill_s=pre.prefill_s,
+                compress_s=pre.compress_s,
                 decode_s=decode_s,
                 decode_tokens_per_s=(max(n_gen - 1, 0) / decode_s) if decode_s > 0 else 0.0,
                 peak_mem_bytes=peak_bytes,
@@ -480,46 +513,44 @@ class Engine:
             yield StreamEvent(b, item.request.request_id, "", None, result)
 
     # ---- the scheduler's two model operations ------------------------------------------------------
-    @torch.inference_mode()
     def prefill_row(self, prepared: PreparedRequest, default: CompressionConfig | None = None) -> RowState:
-        """Prefill one request alone into its own cache, compress it, feed any deferred query tokens,
-        and return the row ready to decode. The collated pixels and the statistics are dropped before
-        this returns (only the compressed cache and the first logits survive)."""
-        dev, adapter, dims = self.device, self.adapter, self.dims
-        p, gen = prepared.prompt, prepared.generation
-        comp = prepared.request.compression or default or CompressionConfig(method="full")
-        method = build_method(comp)
-        positions, next_pos = adapter.positions(self.model, p)
-        n_ctx = p.n_context
-        n_query = p.length - n_ctx
-        reserve = gen.max_new_tokens + n_query
-        vision = adapter.collate_vision([p], dev)
-        plan, variant = method.row_plan(p.modality[:n_ctx], n_ctx)
-        stats = PrefillStats([plan], dims.n_layers, self.stats_chunk_bytes) if plan.any else None
-        cache = RaggedKVCache(dims.n_layers, 1, reserve=reserve)
-        t0 = time.perf_counter()
-        hidden = self.forward(cache, "prefill", p.input_ids[None, :n_ctx], positions[:, None, :n_ctx], [n_ctx],
-                              vision=vision, modality=p.modality[None, :n_ctx].to(torch.int32), stats=stats)
-        del vision
-        logits = hf_glue.lm_head(self.model)(hidden[0, n_ctx - 1]).float()
-        del hidden
-        synchronize(dev)
-        t1 = time.perf_counter()
-        kv_full = cache.row_bytes(0)
-        if method.scorer is not None:
-            outcome = compress_cache(cache, stats, [method], [p.modality[:n_ctx]], [n_ctx], [variant], reserve=reserve)[0]
-        else:
-            outcome = CompressionOutcome(cache.layer_lengths(0), None, None)
-        del stats
-        synchronize(dev)
-        t2 = time.perf_counter()
-        kv_kept = cache.row_bytes(0)
-        if n_query:
-            hidden = self.forward(cache, "extend", p.input_ids[None, n_ctx:], positions[:, None, n_ctx:], [n_query])
-            logits = hf_glue.lm_head(self.model)(hidden[0, n_query - 1]).float()
-            del hidden
-        return RowState(cache, logits, int(next_pos), outcome, method.name,
-                        comp.keep_fraction(n_ctx), kv_full, kv_kept, t1 - t0, t2 - t1)
+        """`prefill_rows` for one request."""
+        return self.prefill_rows([prepared], default)[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, batch: Sequence[PreparedRequest], default: CompressionConfig | None = None) -> list[RowState]:
+        """Prefill ``batch`` together (one right-padded forward), compress each row with its own method,
+        give each row its own one-row cache (`split_rows`: its kept tokens plus its decode room, nothing
+        shared), feed each row's deferred query tokens, and return the rows ready to decode.
+
+        One request is prefilled straight into its own cache. For several, the padded block holds no
+        decode room and is released layer by layer as the rows are copied out, so the peak is the padded
+        block plus one layer. The collated pixels and the statistics are dropped before this returns
+        (only the rows' caches and first logits survive). ``prefill_s`` / ``compress_s`` of a batched
+        prefill are the batch's."""
+        batch = list(batch)
+        if not batch:
+            return []
+        default = default or CompressionConfig(method="full")
+        reserves = [p.generation.max_new_tokens + (p.prompt.length - p.prompt.n_context) for p in batch]
+        pre = self._prefill_padded(batch, default, reserve=reserves[0] if len(batch) == 1 else 0)
+        caches = [pre.cache] if len(batch) == 1 else split_rows(pre.cache, reserves)
+        del pre.cache
+        rows = []
+        for b, (p, cache) in enumerate(zip(batch, caches)):
+            n_ctx = p.prompt.n_context
+            n_query = p.prompt.length - n_ctx
+            logits = pre.logits[b].clone()  # not a view: no row keeps the batch's logits alive
+            if n_query:
+                positions = pre.positions[b][0]
+                hidden = self.forward(cache, "extend", p.prompt.input_ids[None, n_ctx:], positions[:, None, n_ctx:],
+                                      [n_query])
+                logits = hf_glue.lm_head(self.model)(hidden[0, n_query - 1]).float()
+                del hidden
+            rows.append(RowState(cache, logits, int(pre.positions[b][1]), pre.outcomes[b], pre.methods[b].name,
+                                 pre.comps[b].keep_fraction(n_ctx), pre.kv_full[b], pre.kv_kept[b],
+                                 pre.prefill_s, pre.compress_s))
+        return rows
 
     @torch.inference_mode()
     def decode_rows(self, caches: Sequence[RaggedKVCache], token_ids: Sequence[int],

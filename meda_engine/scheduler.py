@@ -3,10 +3,13 @@
 `Scheduler` keeps a FCFS waiting queue and a running set. Each `step()`:
 
 1. applies cancellations (a cancelled row's cache is dropped at once, its bytes return to the pool);
-2. **admits** waiting requests, in order, while ``running < max_num_seqs`` and the KV bytes in use
-   plus the request's prefill reservation fit under the cap. An admitted request is prefilled alone
-   into its own one-row cache, compressed, and its first token is sampled from the prefill logits
-   (`Engine.prefill_row`); prefill-only state is dropped there;
+2. **admits** waiting requests, in order, while ``running < max_num_seqs``, the KV bytes in use plus
+   the prefill reservation fit under the cap, and the step's prefill tokens (padded: rows x longest
+   prompt) stay within ``max_num_batched_tokens``. The requests admitted in one step are prefilled
+   **together** in one padded forward, each row compressed with its own method and then copied into
+   its own one-row cache (`Engine.prefill_rows`); each first token is sampled from the prefill
+   logits; prefill-only state is dropped there. If that batch raises, its requests are retried one
+   by one, so only the failing one fails;
 3. runs **one decode step** over every running row together (`Engine.decode_rows`, a `RowBatchCache`
    whose rows own their storage), samples each row's next token with its own settings, streams the
    new text (`Detokenizer`) and **retires** finished rows at once.
@@ -14,9 +17,9 @@
 Memory accounting (``kv_bytes_in_use``) is the storage each running row's cache holds, measured
 (`cache.row_cache_bytes`: ``untyped_storage().nbytes()``, deduplicated), which is the row's kept
 tokens per layer plus its decode room (``max_new_tokens`` + deferred query tokens, reserved at
-compression). Admission reserves, for the one prefill in flight, the uncompressed prompt plus its
-decode room plus one layer more (compression builds a layer's compact copy while that layer's full
-buffer is alive), and releases the excess once the compressed row is measured. Because a row's
+compression). Admission reserves, for the prefill batch in flight, a bound on its peak
+(`group_reservation_bytes`: the uncompressed padded block, compression's copies of one layer, the
+per-row copies of the split), and releases the excess once the compressed rows are measured. Because a row's
 decode room is reserved when it is admitted, a running row never needs memory it does not hold:
 the scheduler **queues** and never has to preempt (``preemptions`` stays 0), and admission cannot
 push the KV bytes past the cap. A request whose reservation alone exceeds the cap can never run:
@@ -110,6 +113,7 @@ class SchedulerStats:
     peak_kv_bytes_in_use: int
     peak_running: int
     steps: int
+    prefill_batches: int  # prefill forwards that took more than one request together
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -248,6 +252,10 @@ class Scheduler:
     kv_cache_memory_bytes, kv_cache_memory_fraction:
         The KV cap, in bytes, or as a fraction of the device's total memory (GPU memory on CUDA,
         physical RAM on CPU); give at most one. Neither: half the memory free at construction.
+    max_num_batched_tokens:
+        Most prompt tokens prefilled in one step (vLLM's name), counted padded: requests admitted in
+        the same step are prefilled together while ``rows x longest prompt`` stays within it. A
+        longer prompt is prefilled alone in a step of its own.
     default_compression:
         For requests whose ``compression`` is None.
     policy:
@@ -257,11 +265,13 @@ class Scheduler:
     """
 
     def __init__(self, engine: "Engine", *, max_num_seqs: int = 16, kv_cache_memory_bytes: int | None = None,
-                 kv_cache_memory_fraction: float | None = None,
+                 kv_cache_memory_fraction: float | None = None, max_num_batched_tokens: int = 8192,
                  default_compression: CompressionConfig | None = None, policy: str = "continuous",
                  _drive: bool = True):
         if max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         if kv_cache_memory_bytes is not None and kv_cache_memory_fraction is not None:
             raise ConfigError("give kv_cache_memory_bytes or kv_cache_memory_fraction, not both")
         if policy not in ("continuous", "static"):
@@ -278,6 +288,7 @@ class Scheduler:
             cap = _default_cap(engine.device)
         self.engine = engine
         self.max_num_seqs = int(max_num_seqs)
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
         self.kv_cache_memory_bytes = cap
         self.default_compression = default_compression
         self.policy = policy
@@ -302,12 +313,22 @@ class Scheduler:
 
     # ---- submission -----------------------------------------------------------------------------
     def reservation_bytes(self, prepared: "PreparedRequest") -> int:
-        """KV bytes admission reserves for ``prepared``'s prefill: its uncompressed context plus decode
-        room in every layer, plus one more layer (compression's compact copy)."""
-        p = prepared.prompt
-        slots = p.n_context + prepared.generation.max_new_tokens + (p.length - p.n_context)
+        """KV bytes admission reserves to prefill ``prepared`` alone (`group_reservation_bytes`)."""
+        return self.group_reservation_bytes([prepared])
+
+    def group_reservation_bytes(self, batch: Sequence["PreparedRequest"]) -> int:
+        """An upper bound on the KV bytes a batched prefill of ``batch`` holds at its peak
+        (`Engine.prefill_rows`), with ``P`` = a layer's padded block (rows x longest context; one
+        request: its context + decode room) and ``R`` = a layer's row copies (each row's context +
+        decode room): the prefill holds ``L * P``; compression adds one layer's gathered rows and its
+        compact copy (``<= 2 P``); the split into per-row caches holds ``(L - l) P + (l + 1) R`` while
+        copying layer ``l``. So ``(L + 2) * max(P, R)`` slots per layer."""
         per_layer = self._bytes_per_slot // self._n_layers
-        return slots * (self._bytes_per_slot + per_layer)
+        rooms = [p.generation.max_new_tokens + (p.prompt.length - p.prompt.n_context) for p in batch]
+        ctx = [p.prompt.n_context for p in batch]
+        padded = ctx[0] + rooms[0] if len(batch) == 1 else len(batch) * max(ctx)
+        rows = sum(c + r for c, r in zip(ctx, rooms))
+        return (self._n_layers + 2) * max(padded, rows) * per_layer
 
     def submit(self, request: "Request | PreparedRequest", *, compression: CompressionConfig | None = None,
                max_new_tokens: int | None = None, index: int | None = None) -> RequestHandle:
@@ -364,7 +385,8 @@ class Scheduler:
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, kv_cache_usage=in_use / self.kv_cache_memory_bytes,
             max_num_seqs=self.max_num_seqs, preemptions=c.get("preemptions", 0), admitted=c.get("admitted", 0),
             finished=c.get("finished", 0), failed=c.get("failed", 0), cancelled=c.get("cancelled", 0),
-            peak_kv_bytes_in_use=self._peak_in_use, peak_running=self._peak_running, steps=c.get("steps", 0))
+            peak_kv_bytes_in_use=self._peak_in_use, peak_running=self._peak_running, steps=c.get("steps", 0),
+            prefill_batches=c.get("prefill_batches", 0))
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list["StreamEvent"]:
@@ -420,26 +442,67 @@ class Scheduler:
         self._emit(entry, StreamEvent(entry.index, entry.request_id, "", None, error=exc), out)
 
     def _admit(self) -> list["StreamEvent"]:
+        """Take the next prefill group off the FCFS queue (rows, KV bytes and the step's token budget
+        permitting), prefill it together, and let its rows join the running set."""
         out: list[StreamEvent] = []
         if self.policy == "static" and self._running:
             return out
-        while self._waiting and len(self._running) < self.max_num_seqs:
-            entry = self._waiting[0]
-            in_use = self.kv_bytes_in_use()
-            if in_use + entry.need_bytes > self.kv_cache_memory_bytes:
+        group: list[_Entry] = []
+        in_use = self.kv_bytes_in_use()
+        while self._waiting and len(self._running) + len(group) < self.max_num_seqs:
+            cand = [e.prepared for e in group] + [self._waiting[0].prepared]
+            if group and (self._waiting[0].default != group[0].default
+                          or len(cand) * max(p.prompt.n_context for p in cand) > self.max_num_batched_tokens):
+                break  # one default per prefill batch; the step's prefill token budget (padded) is spent
+            need = self.group_reservation_bytes(cand)
+            if in_use + need > self.kv_cache_memory_bytes:
                 break  # FCFS: wait for rows to retire
-            self._waiting.popleft()
-            self._reserved = entry.need_bytes
-            self._peak_in_use = max(self._peak_in_use, in_use + entry.need_bytes)
-            entry.admitted = time.perf_counter()
-            prepared, entry.prepared = entry.prepared, None
-            assert prepared is not None
+            group.append(self._waiting.popleft())
+            self._reserved = need
+        if group:
+            self._peak_in_use = max(self._peak_in_use, in_use + self._reserved)
+            self._prefill_group(group, out)
+            self._reserved = 0
+        self._peak_running = max(self._peak_running, len(self._running))
+        n = len(self._running)
+        for e in self._running:
+            e.max_batch = max(e.max_batch, n)
+        self._peak_in_use = max(self._peak_in_use, self.kv_bytes_in_use())
+        return out
+
+    def _prefill_group(self, group: list[_Entry], out: list) -> None:
+        """Prefill ``group`` in one batch; if that raises, retry its requests one by one so that only
+        the failing request fails."""
+        now = time.perf_counter()
+        prepared = []
+        for entry in group:
+            entry.admitted = now
+            p, entry.prepared = entry.prepared, None
+            assert p is not None
+            prepared.append(p)
+            entry.meta = {"n_prompt": p.prompt.length, "n_text": p.prompt.n_text, "n_visual": p.prompt.n_visual,
+                          "n_frames": p.prompt.n_frames}
+        rows: list | None = None
+        if len(group) > 1:
             try:
-                p = prepared.prompt
-                entry.meta = {"n_prompt": p.length, "n_text": p.n_text, "n_visual": p.n_visual,
-                              "n_frames": p.n_frames}
-                row = self.engine.prefill_row(prepared, entry.default)
-                del prepared
+                rows = self.engine.prefill_rows(prepared, group[0].default)
+                with self._lock:
+                    self._counts["prefill_batches"] += 1
+            except Exception:  # find the failing request(s): one by one below
+                rows = None
+        if rows is None:
+            rows = []
+            for entry, p in zip(group, prepared):
+                try:
+                    rows.append(self.engine.prefill_rows([p], entry.default)[0])
+                except Exception as exc:  # this request fails alone
+                    rows.append(exc)
+        del prepared
+        for entry, row in zip(group, rows):
+            if isinstance(row, BaseException):
+                self._fail(entry, row, out)
+                continue
+            try:
                 entry.row = row
                 entry.row_bytes = row_cache_bytes(row.cache)
                 entry.detok = Detokenizer(self.engine.tokenizer, entry.gen.stop)
@@ -447,21 +510,13 @@ class Scheduler:
                 tok = int(next_tokens(row.logits[None], [entry.gen], [entry.generator])[0])
                 row.logits = None  # type: ignore[assignment]
             except Exception as exc:  # this request fails alone
-                self._reserved = 0
                 self._fail(entry, exc, out)
                 continue
-            self._reserved = 0
             entry.first_token = time.perf_counter()
             with self._lock:
                 self._counts["admitted"] += 1
             self._running.append(entry)
             self._accept(entry, tok, out)
-        self._peak_running = max(self._peak_running, len(self._running))
-        n = len(self._running)
-        for e in self._running:
-            e.max_batch = max(e.max_batch, n)
-        self._peak_in_use = max(self._peak_in_use, self.kv_bytes_in_use())
-        return out
 
     def _accept(self, entry: _Entry, tok: int, out: list) -> None:
         """Take one sampled token for a running row: stream its text, retire the row if it finished."""

@@ -53,19 +53,20 @@ def request(family: str) -> Request:
 def run(eng: Engine, req: Request, comp: CompressionConfig) -> dict:
     """The engine's per-layer kept prompt keys and counts, read from the row right after compression."""
     got: dict = {}
-    original = eng.prefill_row
+    original = eng.prefill_rows
 
-    def spy(prepared, default=None):
-        row = original(prepared, default)
+    def spy(batch, default=None):
+        (row,) = original(batch, default)
+        (prepared,) = batch
         got["prompt"] = prepared.prompt
         got["tokens"] = list(row.outcome.layer_tokens)
         got["entropies"] = row.outcome.layer_entropies
         got["variant"] = row.outcome.entropy_variant
         got["kept"] = [layer.keys[0, :, :n].clone() for layer, n in zip(row.cache.layers, row.outcome.layer_tokens)]
-        return row
+        return [row]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eng, "prefill_row", spy)
+        mp.setattr(eng, "prefill_rows", spy)
         eng.generate([req], compression=comp)
     return got
 

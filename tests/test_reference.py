@@ -66,23 +66,24 @@ def make_request(family: str, protocol: str = "inside", max_new_tokens: int = 5,
 
 
 def _capture_rows(mp: pytest.MonkeyPatch, eng: Engine) -> list[dict]:
-    """Spy on `Engine.prefill_row` (whatever implementation the class has now): record, right after
+    """Spy on `Engine.prefill_rows` (whatever implementation the class has now): record, right after
     each row is compressed (and extended), its prompt, first logits and each layer's kept prompt keys."""
     rows: list[dict] = []
-    original = eng.prefill_row
+    original = eng.prefill_rows
 
-    def spy(prepared, default=None):
-        row = original(prepared, default)
-        kept = row.outcome.layer_tokens
-        rows.append({
-            "prompt": prepared.prompt,
-            "logits": row.logits.clone(),
-            "layer_tokens": list(kept),
-            "kept_keys": [layer.keys[0, :, :n].clone() for layer, n in zip(row.cache.layers, kept)],
-        })
-        return row
+    def spy(batch, default=None):
+        out = original(batch, default)
+        for prepared, row in zip(batch, out):
+            kept = row.outcome.layer_tokens
+            rows.append({
+                "prompt": prepared.prompt,
+                "logits": row.logits.clone(),
+                "layer_tokens": list(kept),
+                "kept_keys": [layer.keys[0, :, :n].clone() for layer, n in zip(row.cache.layers, kept)],
+            })
+        return out
 
-    mp.setattr(eng, "prefill_row", spy)
+    mp.setattr(eng, "prefill_rows", spy)
     return rows
 
 
@@ -93,7 +94,7 @@ def check_compressed_decode(eng: Engine, reference, request: Request, comp: Comp
                             min_steps: int = 3, path: str = "scheduler") -> dict:
     """Run ``request`` through the engine and through the masked reference with the same fed tokens;
     every step's logits must agree within `ATOL`. ``path``: ``scheduler`` (`Engine.generate`:
-    `prefill_row` + `decode_rows`) or ``static`` (`Engine.generate_static`: `decode_step` on the
+    `prefill_rows` + `decode_rows`) or ``static`` (`Engine.generate_static`: `decode_step` on the
     batch cache; its first logits are not exposed, so the comparison starts at the first decode
     step). Returns facts for extra checks."""
     multimodal = eng.adapter.multimodal
@@ -192,14 +193,15 @@ def test_positions_from_compressed_length_bug_is_caught(models, family, monkeypa
     req = make_request(family, "inside", repeat=1 if family in MULTIMODAL else 3)
     comp = CompressionConfig("h2o", budget=0.3, window=4)
     check_compressed_decode(eng, masked, req, comp)  # passes without the bug
-    original = Engine.prefill_row
+    original = Engine.prefill_rows
 
-    def buggy(self, prepared, default=None):
-        row = original(self, prepared, default)
-        row.next_position = row.cache.layer_lengths(0)[0]
-        return row
+    def buggy(self, batch, default=None):
+        rows = original(self, batch, default)
+        for row in rows:
+            row.next_position = row.cache.layer_lengths(0)[0]
+        return rows
 
-    monkeypatch.setattr(Engine, "prefill_row", buggy)
+    monkeypatch.setattr(Engine, "prefill_rows", buggy)
     with pytest.raises(AssertionError, match="step 1"):
         check_compressed_decode(eng, masked, req, comp)
 
@@ -351,10 +353,11 @@ def check_storage(eng: Engine, request: Request, comp: CompressionConfig) -> dic
             return compress(cache, *args, **kwargs)
 
         mp.setattr(engine_mod, "compress_cache", spy_compress)
-        original = eng.prefill_row
+        original = eng.prefill_rows
 
-        def spy_prefill(prepared, default=None):
-            row = original(prepared, default)
+        def spy_prefill(batch, default=None):
+            (row,) = original(batch, default)
+            (prepared,) = batch
             gc.collect()
             facts["alive"] = sum(r() is not None for r in prefill_refs)
             layers = row.cache.layers
@@ -363,9 +366,9 @@ def check_storage(eng: Engine, request: Request, comp: CompressionConfig) -> dic
             facts["layer_tokens"] = list(row.outcome.layer_tokens)
             facts["room"] = prepared.generation.max_new_tokens + prepared.prompt.length - prepared.prompt.n_context
             facts["slot_bytes"] = layers[0].keys[0, :, 0].numel() * layers[0].keys.element_size()
-            return row
+            return [row]
 
-        mp.setattr(eng, "prefill_row", spy_prefill)
+        mp.setattr(eng, "prefill_rows", spy_prefill)
         tele = eng.generate([request], compression=comp)[0].telemetry
     assert len(prefill_refs) == 2 * eng.dims.n_layers
     assert facts["alive"] == 0, f"{facts['alive']} prefill K/V storages still reachable after compression"

@@ -96,6 +96,72 @@ def test_continuous_batching_equals_each_request_alone(engines):
     assert sched.stats().peak_running == 3 and max(r.telemetry.batch_size for r in results) == 3
 
 
+def _batched_run(eng, reqs, **kw):
+    sched = Scheduler(eng, max_num_seqs=len(reqs), **kw)
+    handles = [sched.submit(r) for r in reqs]
+    sched.step()  # one step: every request admitted, prefilled as one batch
+    running = list(sched._running)
+    ptrs = [{layer.keys.untyped_storage().data_ptr() for layer in e.row.cache.layers} for e in running]
+    held = [row_cache_bytes(e.row.cache) for e in running]
+    return sched, [h.result() for h in handles], ptrs, held
+
+
+def test_requests_admitted_together_are_prefilled_as_one_batch(engines):
+    """Rows prefilled together (different methods, budgets, prompt lengths, protocols) answer exactly
+    as each alone, and each then owns its storage: no buffer is shared, nothing padded is kept."""
+    eng = engines["qwen2_vl"]
+    reqs = [vl(video=LONG_VIDEO, method="meda", budget=0.2, n=7),
+            vl(prompt="describe the video .", method="snapkv", budget=0.5, n=4),
+            vl(n=6),  # full cache, the short video: padded in the batch
+            vl(video=LONG_VIDEO, method="pyramidkv", budget=0.3, n=5, query_after_compression=True)]
+    sched, results, ptrs, held = _batched_run(eng, reqs)
+    assert sched.stats().prefill_batches == 1
+    for got, req in zip(results, reqs):
+        exp = alone(eng, req)
+        assert got.token_ids == exp.token_ids
+        assert got.telemetry.layer_budgets == exp.telemetry.layer_budgets
+        assert got.telemetry.kv_bytes_kept == exp.telemetry.kv_bytes_kept
+    for i in range(len(ptrs)):
+        for j in range(i + 1, len(ptrs)):
+            assert not ptrs[i] & ptrs[j], "two rows share a buffer"
+    for r, h, req in zip(results, held, reqs):  # a row holds its kept tokens + its decode room, not the padded block
+        p = eng.prepare(req)
+        room = p.generation.max_new_tokens + p.prompt.length - p.prompt.n_context
+        assert h == r.telemetry.kv_bytes_held
+        assert h == r.telemetry.kv_bytes_kept + room * eng.dims.n_layers * slot_bytes(eng)
+    # the step's token budget splits the batch (padded tokens: rows x longest prompt)
+    longest = max(eng.prepare(r).prompt.n_context for r in reqs)
+    sched2 = Scheduler(eng, max_num_seqs=4, max_num_batched_tokens=2 * longest)
+    for r in reqs:
+        sched2.submit(r)
+    sched2.step()
+    assert 1 <= len(sched2._running) <= 2
+    list(sched2.run())
+    assert sched2.stats().finished == len(reqs)
+
+
+def test_a_split_that_mixes_rows_is_caught(engines, monkeypatch):
+    """The batched-prefill equality check can fail: hand row 0 row 1's kept tokens."""
+    from meda_engine import cache as cache_mod
+
+    eng = engines["llama"]
+    reqs = [text(1, "h2o", 0.5, n=6), text(4, "snapkv", 0.5, n=6)]
+    expected = [alone(eng, r).token_ids for r in reqs]
+    original = cache_mod.split_rows
+
+    def swapped(cache, reserves):
+        rows = original(cache, reserves)
+        rows[0], rows[1] = rows[1], rows[0]
+        return rows
+
+    monkeypatch.setattr(engine_mod, "split_rows", swapped)
+    _, results, _, _ = _batched_run(eng, reqs)
+    assert [r.token_ids for r in results] != expected
+    monkeypatch.undo()
+    _, results, _, _ = _batched_run(eng, reqs)
+    assert [r.token_ids for r in results] == expected
+
+
 def test_text_model_sampling_and_stop_strings_under_batching(engines):
     eng = engines["llama"]
     base = alone(eng, text(2, n=12))
@@ -155,15 +221,16 @@ def test_kv_cap_is_never_exceeded_over_a_randomized_run(engines, monkeypatch):
     cap = int(1.5 * max(needs))
 
     def check(sched, over):
-        def wrapped(prepared, default=None, _orig=Engine.prefill_row):
-            row = _orig(eng, prepared, default)  # the new row's storage, next to the running rows'
-            over.append(running_bytes(sched) + row_cache_bytes(row.cache) - sched.kv_cache_memory_bytes)
-            return row
+        def wrapped(batch, default=None, _orig=Engine.prefill_rows):
+            rows = _orig(eng, batch, default)  # the new rows' storage, next to the running rows'
+            new = sum(row_cache_bytes(r.cache) for r in rows)
+            over.append(running_bytes(sched) + new - sched.kv_cache_memory_bytes)
+            return rows
         return wrapped
 
     def run(sched):
         over = []  # recorded, not asserted in there: the scheduler would fail that request alone
-        eng.prefill_row = check(sched, over)  # instance attribute, removed below
+        eng.prefill_rows = check(sched, over)  # instance attribute, removed below
         try:
             handles, pending = [], list(reqs)
             while pending or sched.has_work():
@@ -173,7 +240,7 @@ def test_kv_cap_is_never_exceeded_over_a_randomized_run(engines, monkeypatch):
                 sched.step()
                 assert sched.kv_bytes_in_use() <= sched.kv_cache_memory_bytes
         finally:
-            del eng.prefill_row
+            del eng.prefill_rows
         assert over and max(over) <= 0
         return handles
 
@@ -185,7 +252,7 @@ def test_kv_cap_is_never_exceeded_over_a_randomized_run(engines, monkeypatch):
     for h, r in zip(handles, reqs):
         assert h.result().token_ids == alone(eng, r).token_ids
     # The check can fail: without the prefill reservation, admission overshoots the cap.
-    monkeypatch.setattr(Scheduler, "reservation_bytes", lambda self, p: 0)
+    monkeypatch.setattr(Scheduler, "group_reservation_bytes", lambda self, batch: 0)
     with pytest.raises(AssertionError):
         run(Scheduler(eng, max_num_seqs=8, kv_cache_memory_bytes=cap))
 
@@ -226,16 +293,17 @@ def test_a_failing_request_fails_alone(engines, monkeypatch):
     eng = engines["llama"]
     reqs = [text(1, n=6), text(2, n=6), text(3, n=6)]
     bad_prefill, bad_decode = reqs[0].request_id, reqs[2].request_id
-    orig_prefill, orig_decode = Engine.prefill_row, Engine.decode_step
+    orig_prefill, orig_decode = Engine.prefill_rows, Engine.decode_step
     poisoned = {}
 
-    def prefill(prepared, default=None):
-        if prepared.request.request_id == bad_prefill:
+    def prefill(batch, default=None):
+        if any(p.request.request_id == bad_prefill for p in batch):
             raise RuntimeError("boom in prefill")
-        row = orig_prefill(eng, prepared, default)
-        if prepared.request.request_id == bad_decode:
-            poisoned["cache"] = row.cache
-        return row
+        rows = orig_prefill(eng, batch, default)
+        for p, row in zip(batch, rows):
+            if p.request.request_id == bad_decode:
+                poisoned["cache"] = row.cache
+        return rows
 
     def decode(cache, toks, pos):
         out = orig_decode(eng, cache, toks, pos)  # writes into every row, then fails: must be rolled back
@@ -243,7 +311,7 @@ def test_a_failing_request_fails_alone(engines, monkeypatch):
             raise RuntimeError("boom in decode")
         return out
 
-    monkeypatch.setattr(eng, "prefill_row", prefill)
+    monkeypatch.setattr(eng, "prefill_rows", prefill)
     monkeypatch.setattr(eng, "decode_step", decode)
     sched = Scheduler(eng)
     handles = [sched.submit(r) for r in reqs]
@@ -362,7 +430,7 @@ def test_scheduler_benchmark_smoke(tmp_path):
     from benchmarks import scheduler as bench
 
     assert bench.main(["--model", "tiny", "--requests", "6", "--min-tokens", "2", "--max-tokens", "12",
-                       "--max-num-seqs", "3", "--cap-model", "tiny", "--cap-context", "256", "--cap-mib", "0.25",
+                       "--max-num-seqs", "3", "--cap-model", "tiny", "--cap-context", "256", "--cap-mib", "0.3",
                        "--cap-requests", "4", "--cap-max-tokens", "4", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "scheduler.json").read_text())
     mixed = [r for r in data["records"] if r["experiment"] == "mixed"]

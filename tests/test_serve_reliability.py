@@ -80,15 +80,15 @@ def test_a_poison_request_fails_alone_and_its_batch_mates_finish(server, monkeyp
     assert all(status == "ok" for status, _ in alone.values())
 
     poison = text_request("what colour is the circle ?")
-    real_prefill = server.engine.prefill_row
+    real_prefill = server.engine.prefill_rows
     real_decode = server.engine.decode_rows
 
-    def prefill_row(prepared, *args, **kwargs):
-        if prepared.request.request_id == poison.request_id:
+    def prefill_rows(batch, *args, **kwargs):
+        if any(p.request.request_id == poison.request_id for p in batch):
             raise RuntimeError("poisoned prefill")
-        return real_prefill(prepared, *args, **kwargs)
+        return real_prefill(batch, *args, **kwargs)
 
-    monkeypatch.setattr(server.engine, "prefill_row", prefill_row)
+    monkeypatch.setattr(server.engine, "prefill_rows", prefill_rows)
 
     async def batch():
         requests_ = [text_request(q) for q in QUESTIONS]
@@ -108,7 +108,7 @@ def test_a_poison_request_fails_alone_and_its_batch_mates_finish(server, monkeyp
             raise RuntimeError("one bad step")
         return real_decode(caches, tokens, positions)
 
-    monkeypatch.setattr(server.engine, "prefill_row", real_prefill)
+    monkeypatch.setattr(server.engine, "prefill_rows", real_prefill)
     monkeypatch.setattr(server.engine, "decode_rows", decode_rows)
     outcomes = asyncio.run(_batch_of(server, QUESTIONS))
     assert sum(status == "ok" for status, _ in outcomes) >= len(QUESTIONS) - 1
@@ -129,7 +129,7 @@ def test_a_health_probe_that_fails_marks_the_replica_unhealthy(server, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(server.engine, "prefill_row", broken)
+    monkeypatch.setattr(server.engine, "prefill_rows", broken)
     with pytest.raises(RuntimeError, match="probe"):
         asyncio.run(server.check_health())
 

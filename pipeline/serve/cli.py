@@ -35,6 +35,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--num-gpus", type=float, help="GPUs per model replica (default: 1 if CUDA is available)")
     p.add_argument("--max-replicas", type=int, default=1, help="autoscale the model up to this many replicas")
     p.add_argument("--max-num-seqs", type=int, default=8, help="rows one replica's engine loop decodes together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="most prompt tokens (rows x longest) one engine step prefills together")
     p.add_argument("--kv-cache-memory-fraction", type=float,
                    help="KV-cache cap per replica, as a fraction of the device memory (default: the scheduler's)")
     p.add_argument("--allow-bucket", action="append", default=[], help="object-store bucket pattern (repeatable)")
@@ -66,6 +68,7 @@ def settings_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "method": comp.pop("method"), "budget": comp.pop("budget"), "budget_tokens": comp.pop("budget_tokens"),
         "compression": comp, "device": args.device, "dtype": args.dtype, "num_gpus": num_gpus,
         "max_replicas": args.max_replicas, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
         "allowed_buckets": args.allow_bucket, "allowed_hosts": args.allow_host, "allow_http": args.allow_http,
         "api_key_env": args.api_key_env or "MEDA_API_KEY",

@@ -71,7 +71,7 @@ class ModelServer:
             engine = Engine.from_pretrained(s.model, device=s.device, dtype=s.dtype,
                                             max_pixels_per_frame=s.max_pixels_per_frame)
         self.engine = engine
-        self.loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, kv_cache_memory_bytes=s.kv_cache_memory_bytes,
+        self.loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens, kv_cache_memory_bytes=s.kv_cache_memory_bytes,
                                kv_cache_memory_fraction=s.kv_cache_memory_fraction)
         self.suspect = False  # a request failed in the engine since the last probe
         self.failed_requests = 0

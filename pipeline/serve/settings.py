@@ -107,6 +107,7 @@ class ServeSettings(BaseModel):
     downscale_delay_s: float = Field(120.0, ge=0)  # Ray's own default is 600 s
     # the replica's engine loop (meda_engine.scheduler): rows decoding together, and the KV memory cap
     max_num_seqs: int = Field(8, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)  # prompt tokens prefilled together in one step
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
     kv_cache_memory_fraction: float | None = Field(None, gt=0, le=1)  # of the device's memory
     ingress_num_cpus: float = Field(1.0, ge=0)
