@@ -83,6 +83,23 @@ def test_s3_corpus_with_corrupt_files_gives_error_rows_and_loses_nothing(ray_loc
     assert fs.exists(f"{s3_bucket}/runs/r1/_manifest/manifest.parquet")
 
 
+def test_progress_line_counts_against_the_planned_total_from_the_start(ray_local, tmp_path, capfd):
+    from pipeline.batch.progress import progress_line
+
+    assert progress_line(0, 0, 32, 0.0) == "[meda] progress: 0/32 rows (0%)"
+    assert progress_line(12, 1, 32, 30.0) == "[meda] progress: 12/32 rows (38%), 1 error, 0.40 rows/s, ETA 0:00:50"
+    assert progress_line(40, 0, 32, 10.0).startswith("[meda] progress: 32/32 rows (100%)")  # clamped
+    corpus = write_local_corpus(tmp_path / "corpus", {"a.mp4": mf.make_video(n_frames=12), "b.png": mf.make_image(),
+                                                      "empty.mp4": b""})
+    capfd.readouterr()
+    run(fake_config(input=str(corpus), output=str(tmp_path / "run"), progress=True))
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("[meda] progress:")]
+    assert lines[0] == "[meda] progress: 0/3 rows (0%)"  # the total is known before any row exists
+    assert lines[-1].startswith("[meda] progress: 3/3 rows (100%), 1 error")
+    assert "Total Progress" not in err
+
+
 def test_rerun_resumes_without_duplicates(ray_local, tmp_path):
     corpus = write_local_corpus(tmp_path / "corpus", {n: mf.make_video(**kw) for n, kw in GOOD_VIDEOS.items()}
                                 | {"photo.png": mf.make_image()})

@@ -67,9 +67,12 @@ class AnnotateConfig:
     batch_size: int = 8  # inputs per Ray Data batch handed to a model actor
     # The model actor's engine (meda_engine.scheduler): "continuous" streams every batch's requests into
     # one running batch per method, at most max_num_seqs rows decoding together under the KV cap;
-    # "static" runs each Ray batch as one engine call (the next starts when its slowest row ends).
+    # "static" runs each Ray batch as one padded engine call (`Engine.generate_static`: finished rows
+    # keep decoding padding until the batch's slowest row ends; the next batch starts after). The
+    # job's batching before the scheduler, kept as the baseline.
     batching: str = "continuous"
     max_num_seqs: int = 16  # most rows decoding together per method loop
+    max_num_batched_tokens: int = 8192  # most prompt tokens (rows x longest) prefilled together in one step
     kv_cache_memory_bytes: int | None = None  # the actor's KV cap (default: half the device memory free)
     kv_cache_memory_fraction: float | None = None  # ... or as a fraction of the device's memory
     batches_in_flight: int = 4  # Ray batches one actor works on at once (continuous batching)
@@ -214,6 +217,7 @@ def _validate(cfg: AnnotateConfig) -> None:
     if cfg.batching not in BATCHING:
         fail("batching", f"must be one of {', '.join(BATCHING)}, got {cfg.batching!r}")
     whole("max_num_seqs", 1)
+    whole("max_num_batched_tokens", 1)
     whole("batches_in_flight", 1)
     whole("kv_cache_memory_bytes", 1, optional=True)
     real("kv_cache_memory_fraction", positive=True, optional=True)
@@ -296,9 +300,11 @@ def add_annotate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="inputs per Ray Data batch sent to a model actor")
     p.add_argument("--batching", default=d.batching, choices=BATCHING,
                    help="continuous: requests join the actor's running batch as they arrive (max concurrent rows "
-                        "--max-num-seqs, under the KV cap); static: one engine call per Ray batch")
+                        "--max-num-seqs, under the KV cap); static: one padded engine call per Ray batch, the pre-scheduler baseline")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                    help="most rows decoding together in a model actor, per method (continuous batching)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="most prompt tokens (rows x longest prompt) one engine step prefills together")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV-cache cap per model actor, shared by its methods (default: half the memory free)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
@@ -334,7 +340,7 @@ def add_annotate_args(p: argparse.ArgumentParser) -> None:
                    help="S3-compatible endpoint (MinIO, Ceph, GCS interop) (default: AWS_ENDPOINT_URL)")
     p.add_argument("--region", default=None, help="S3 region (default: botocore's)")
     p.add_argument("--anon", action="store_true", help="anonymous S3 access")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line (rows done of the planned total, every 10 s)")
     add_compression_args(p)
     # Reruns (pipeline/batch/plan.py)
     p.add_argument("--new-config", action="store_true", help="rerun an output with another configuration: its "

@@ -42,6 +42,7 @@ from .. import storage
 from .config import AnnotateConfig
 from .layout import RunLayout
 from .plan import Tasks, finish_manifest, plan_run, read_done_rows, remove_plan
+from .progress import Progress
 from .results import format_summary, summarize
 from .stages import Annotator, Preprocess, decode_media
 
@@ -83,23 +84,32 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     _print_rerun_notes(info)
     t_plan = time.time()
     stats_text = ""
+    progress = None
     if tasks:
-        stats_text = _execute(cfg, info, tasks)
-    fs, out_root = storage.filesystem_for(cfg.output, **cfg.storage_options())
-    # The listing of OUTPUT/rows that s3fs cached while planning predates the rows Ray's workers just wrote
-    # (reading through it fails with FileNotFoundError): forget it before reading the rows back.
-    fs.invalidate_cache()
-    if tasks:
-        # Blocks Ray gave up on (their actor died max_task_retries times: a lost node, an OOM kill, an input
-        # that crashes its worker) get one more round in a fresh dataset: a node loss must not cost rows.
-        lost = _lost_tasks(cfg, info, tasks, t_plan)
-        if lost:
-            print(f"[meda] {len(lost)} row(s) lost with their batch (worker died): one more round for them",
-                  file=sys.stderr, flush=True)
-            info["n_lost_retried"] = len(lost)
-            _execute(cfg, info, lost)
-            fs.invalidate_cache()
-        info["n_worker_errors"] = _rows_for_lost_blocks(cfg, info, tasks, t_plan)
+        _init_ray(cfg)
+        progress = Progress(len(tasks), interval_s=PROGRESS_INTERVAL_S) if cfg.progress else None
+    try:
+        if tasks:
+            stats_text = _execute(cfg, info, tasks, progress)
+        fs, out_root = storage.filesystem_for(cfg.output, **cfg.storage_options())
+        # The listing of OUTPUT/rows that s3fs cached while planning predates the rows Ray's workers just
+        # wrote (reading through it fails with FileNotFoundError): forget it before reading the rows back.
+        fs.invalidate_cache()
+        if tasks:
+            # Blocks Ray gave up on (their actor died max_task_retries times: a lost node, an OOM kill, an
+            # input that crashes its worker) get one more round in a fresh dataset: a node loss must not
+            # cost rows.
+            lost = _lost_tasks(cfg, info, tasks, t_plan)
+            if lost:
+                print(f"[meda] {len(lost)} row(s) lost with their batch (worker died): one more round for them",
+                      file=sys.stderr, flush=True)
+                info["n_lost_retried"] = len(lost)
+                _execute(cfg, info, lost, progress)
+                fs.invalidate_cache()
+            info["n_worker_errors"] = _rows_for_lost_blocks(cfg, info, tasks, t_plan)
+    finally:
+        if progress is not None:
+            progress.close()
     finish_manifest(manifest, cfg)
     remove_plan(cfg)  # the task shards of this run's attempts (OUTPUT/_plan) are spent
     summary = summarize(cfg, info, time.time() - t_start, stats_text)
@@ -110,6 +120,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
 
 
 IO_CPUS = 0.25  # Ray's CPUs per plan-shard read task and per row-file write task (see _execute)
+PROGRESS_INTERVAL_S = float(os.environ.get("MEDA_PROGRESS_INTERVAL_S", "10"))  # the progress line's period
 
 
 def task_dataset(cfg: AnnotateConfig, tasks: Tasks):
@@ -133,14 +144,16 @@ def task_dataset(cfg: AnnotateConfig, tasks: Tasks):
     return ds
 
 
-def _execute(cfg: AnnotateConfig, info: dict[str, Any], tasks: Tasks) -> str:
+def _execute(cfg: AnnotateConfig, info: dict[str, Any], tasks: Tasks, progress: "Progress | None" = None) -> str:
     """Run ``tasks`` through decode -> preprocess (unless --preprocess in-actor) -> model actors ->
     Parquet; returns Ray Data's stats."""
     ray = _init_ray(cfg)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
+    # The job prints its own progress line against the planned total (progress.py); Ray Data's bars
+    # would read "Total Progress: 0/?" until its first blocks are written.
+    ctx.enable_progress_bars = False
     ctx.max_errored_blocks = -1  # a failed block loses only its own rows (written below as error rows)
     ds = task_dataset(cfg, tasks)
     ds = ds.map_batches(
@@ -165,7 +178,8 @@ def _execute(cfg: AnnotateConfig, info: dict[str, Any], tasks: Tasks) -> str:
         )
     ds = ds.map_batches(
         Annotator,
-        fn_constructor_kwargs=dict(cfg=asdict(cfg), run_id=info["run_id"], version=info["code_version"]),
+        fn_constructor_kwargs=dict(cfg=asdict(cfg), run_id=info["run_id"], version=info["code_version"],
+                                   progress=None if progress is None else progress.handle),
         compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors, max_size=cfg.max_actors or cfg.num_actors,
                                            **_actor_concurrency(cfg)),
         num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size,

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import storage
 from ..schema import empty_row, normalise_answer, telemetry_values, to_table
+from .progress import report
 from .config import AnnotateConfig
 
 
@@ -232,11 +233,12 @@ class Annotator:
     """GPU (or CPU) actor: one model + engine, batches of prepared (or, with ``--preprocess in-actor``,
     decoded) inputs in, result rows out."""
 
-    def __init__(self, cfg: dict[str, Any], run_id: str, version: str):
+    def __init__(self, cfg: dict[str, Any], run_id: str, version: str, progress: Any = None):
         import torch
 
         self.cfg = AnnotateConfig(**cfg)
         self.run_id, self.version = run_id, version
+        self.progress = progress  # the job's progress counter (progress.py), or None
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
         if self.cfg.engine == "fake":
             from ..testing import FakeEngine
@@ -269,7 +271,8 @@ class Annotator:
             cap = int(device_memory_bytes(self.engine.device) * cfg.kv_cache_memory_fraction)
         else:
             cap = _default_cap(self.engine.device)
-        return {m: EngineLoop(self.engine, max_num_seqs=cfg.max_num_seqs, kv_cache_memory_bytes=max(1, cap // len(methods)))
+        return {m: EngineLoop(self.engine, max_num_seqs=cfg.max_num_seqs,
+                              max_num_batched_tokens=cfg.max_num_batched_tokens, kv_cache_memory_bytes=max(1, cap // len(methods)))
                 for m in methods}
 
     def engine_stats(self) -> dict[str, Any]:
@@ -297,6 +300,7 @@ class Annotator:
             batch_id, infer_s = uuid.uuid4().hex[:12], time.perf_counter() - t0
             for row in rows:
                 row.update(batch_id=batch_id, batch_infer_s=infer_s, **_engine_columns(self.engine_stats()))
+            report(self.progress, (r["status"] for r in rows))
             return to_table(rows)
         # Static batching (--batching static, and the fake engine): one engine call per method, so a
         # decode step never mixes methods and the per-method latency figures stay meaningful.
@@ -310,6 +314,7 @@ class Annotator:
             batch_id, infer_s = uuid.uuid4().hex[:12], time.perf_counter() - t0
             for i in group:
                 rows[i].update(batch_id=batch_id, batch_infer_s=infer_s)
+        report(self.progress, (r["status"] for r in rows))
         return to_table(rows)
 
     def _prepare(self, batch, rows, group: list[int]):
@@ -367,12 +372,12 @@ class Annotator:
         return results
 
     def _generate(self, prepared, rows, where):
-        """One engine call for the group (a fixed batch: the next Ray batch starts only when this one's
-        slowest row has finished); if it fails, each request alone, so one bad input cannot take the
-        others down."""
+        """One engine call for the group: the fixed, padded batch (`Engine.generate_static`: prefilled
+        together, and every row decodes until the batch's slowest row has finished; the next Ray batch
+        starts after). If it fails, each request alone, so one bad input cannot take the others down."""
         if not prepared:
             return []
-        run = self.engine.generate
+        run = getattr(self.engine, "generate_static", self.engine.generate)  # the fake engine has one path
         try:
             return run(prepared)
         except Exception:  # noqa: BLE001
