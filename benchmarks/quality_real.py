@@ -58,6 +58,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "meda-window": {"method": "meda-window"},
     # its allocation ablation: a softer softmax over the layer entropies (temperature 2)
     "meda-window-t2": {"method": "meda-window", "temperature": 2.0},
+    # KVzip's context-reconstruction scores (query-agnostic), uniform per layer
+    "kvzip": {"method": "kvzip"},
 }
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
 PROTOCOLS = ("aware", "agnostic")

@@ -51,10 +51,15 @@ class RowPlan:
     window: int = 0  # observation window (SnapKV / PyramidKV), 0 = none
     cross_modal: bool = False  # MEDA "paper" entropy
     modality: torch.Tensor | None = None  # (L,) int8, 0 = text, needed by cross_modal
+    # KVzip: the context is followed in the same forward by its reconstruction prompt; ``n_context``
+    # (set by the engine) is where the context ends. Every other statistic sees the context alone
+    # (rows and keys < n_context, exactly as without the reconstruction: attention is causal).
+    reconstruct: bool = False
+    n_context: int = 0  # 0 = the row's whole forward length
 
     @property
     def any(self) -> bool:
-        return self.column_sums or self.row_entropy or self.window > 0 or self.cross_modal
+        return self.column_sums or self.row_entropy or self.window > 0 or self.cross_modal or self.reconstruct
 
 
 @dataclass
@@ -63,6 +68,7 @@ class RowStats:
 
     column_sums: torch.Tensor | None = None
     window_scores: torch.Tensor | None = None
+    recon_scores: torch.Tensor | None = None  # KVzip: max attention from the reconstruction rows
     row_entropy: float | None = None
     cross_modal_entropy: float | None = None
 
@@ -136,6 +142,11 @@ def prefill_attention(query, key, value, scaling: float, lengths: list[int], sta
         if n == 0 or not plan.any:
             continue
         rec = stats.layers[layer_idx][b]
+        if plan.reconstruct and plan.n_context < n:
+            rec.recon_scores = max_attention_from_rows(query[b, :, :n], key[b, :, :n], scaling,
+                                                       torch.arange(plan.n_context, n), plan.n_context,
+                                                       chunk_bytes=stats.chunk_bytes)
+        n = plan.n_context or n  # the context alone from here on
         qb, kb = query[b, :, :n], key[b, :, :n]
         if plan.column_sums or plan.row_entropy:
             rows = query_rows(n, plan.score_queries)
@@ -270,6 +281,58 @@ def attention_from_rows(q, k, scaling: float, rows: torch.Tensor, *, chunk_bytes
     received /= g
     ent = float(ent_total) / (q.shape[0] * rows.numel()) if want_row_entropy else None
     return received, ent
+
+
+def _block_max(qb: torch.Tensor, kb: torch.Tensor, visible: torch.Tensor, scaling: float, key_step: int,
+               n_keys: int) -> torch.Tensor:
+    """The largest attention probability each of the first ``n_keys`` keys gets from any row and
+    query head of the block, ``(h, n_keys)``. Shapes as `_block_stats`; the softmax runs over every
+    visible key, cut into ``key_step`` blocks when they do not fit (two passes: log-sum-exp, then the
+    maxima)."""
+    h, gb, c, d = qb.shape
+    e = kb.shape[1]
+    q2 = qb.reshape(h, gb * c, d)
+    lse = torch.full((h, gb * c), NEG, device=qb.device)
+    for k0 in range(0, e, key_step):
+        k1 = min(e, k0 + key_step)
+        scores = torch.matmul(q2, kb[:, k0:k1].transpose(1, 2)).mul_(scaling)
+        scores.view(h, gb, c, k1 - k0).masked_fill_(~visible[:, k0:k1], NEG)
+        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
+        del scores
+    out = torch.zeros((h, n_keys), device=qb.device)
+    for k0 in range(0, n_keys, key_step):
+        k1 = min(n_keys, k0 + key_step)
+        logp = torch.matmul(q2, kb[:, k0:k1].transpose(1, 2)).mul_(scaling)
+        logp.view(h, gb, c, k1 - k0).masked_fill_(~visible[:, k0:k1], NEG)
+        out[:, k0:k1] = logp.sub_(lse[..., None]).amax(dim=1).exp()
+        del logp
+    return out
+
+
+def max_attention_from_rows(q, k, scaling: float, rows: torch.Tensor, n_keys: int, *, chunk_bytes: int):
+    """KVzip's score: for each of the first ``n_keys`` keys, the largest causal attention probability
+    it receives from any of the query positions ``rows`` and any query head of its KV head.
+
+    ``q (H_q, L, D)``, ``k (H_kv, L, D)``, ``rows (n,)`` ascending, all ``>= n_keys - 1``. Returns
+    ``(H_kv, n_keys)`` float32. The score blocks are cut as `attention_from_rows`'s."""
+    n_kv, length, d = k.shape
+    qg = _group(q, n_kv)
+    g = qg.shape[1]
+    rows = rows.to(q.device)
+    out = torch.zeros((n_kv, n_keys), dtype=torch.float32, device=q.device)
+    plan = stats_chunks(n_kv, g, rows.numel(), length, chunk_bytes)
+    for s in range(0, rows.numel(), plan.rows):
+        r = rows[s : s + plan.rows]
+        e = int(r[-1]) + 1
+        visible = torch.arange(e, device=q.device)[None, :] <= r[:, None]  # (c, e)
+        for h0 in range(0, n_kv, plan.kv_heads):
+            h1 = min(n_kv, h0 + plan.kv_heads)
+            kb = k[h0:h1, :e].float()
+            for g0 in range(0, g, plan.group_heads):
+                qb = qg[h0:h1, g0 : g0 + plan.group_heads, r].float()
+                torch.maximum(out[h0:h1], _block_max(qb, kb, visible, scaling, plan.keys, n_keys), out=out[h0:h1])
+                del qb
+    return out
 
 
 def _masked_entropy_mean(qsel, ksel, q_pos, k_pos, scaling: float, chunk_bytes: int) -> tuple[float, int]:

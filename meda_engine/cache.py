@@ -267,6 +267,23 @@ def restore_lengths(cache: "RaggedKVCache", lengths: list[int]) -> None:
         layer.offsets = layer.lengths
 
 
+def truncate_rows(cache: "RaggedKVCache", lengths: list[int], reserve: int) -> None:
+    """Keep only the first ``lengths[b]`` slots of each row, in every layer, in new buffers of
+    ``max(lengths) + reserve`` slots (the old, longer ones are released layer by layer). Drops what a
+    prefill wrote past the context (KVzip's reconstruction tokens)."""
+    for layer in cache.layers:
+        if layer.keys is None:
+            continue
+        b, h, _, d = layer.keys.shape
+        new_k = torch.zeros((b, h, max(lengths) + reserve, d), dtype=layer.keys.dtype, device=layer.keys.device)
+        new_v = torch.zeros_like(new_k)
+        for row, n in enumerate(lengths):
+            new_k[row, :, :n] = layer.keys[row, :, :n]
+            new_v[row, :, :n] = layer.values[row, :, :n]
+        layer.replace(new_k, new_v, list(lengths))
+        layer.reserve = reserve
+
+
 def split_rows(cache: "RaggedKVCache", reserves: list[int]) -> list["RaggedKVCache"]:
     """Give each row of a padded ``B``-row cache its own one-row `RaggedKVCache`: per layer
     ``(1, H_kv, n_b + reserves[b], D)`` holding row ``b``'s valid slots and ``reserves[b]`` free ones

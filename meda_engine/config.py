@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "lookm", "meda", "meda-window")
+METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "lookm", "meda", "meda-window", "kvzip")
 ENTROPY_VARIANTS = ("paper", "code")
 MERGE_MODES = ("none", "average", "pivot", "weighted")
 
@@ -32,6 +32,7 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lookm": {"text_prior": True, "merge": "average"},
     "meda": {"text_prior": True, "merge": "average"},
     "meda-window": {"text_prior": False, "merge": "none"},
+    "kvzip": {"text_prior": False, "merge": "none"},
 }
 
 

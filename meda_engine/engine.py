@@ -37,7 +37,7 @@ import torch
 
 from . import hf_glue
 from .attention import ForwardContext, PrefillStats
-from .cache import RaggedKVCache, RowBatchCache, restore_lengths, snapshot_lengths, split_rows
+from .cache import RaggedKVCache, RowBatchCache, restore_lengths, snapshot_lengths, split_rows, truncate_rows
 from .compression import CompressionOutcome, build_method, compress_cache
 from .config import CompressionConfig, ConfigError, GenerationConfig
 from .memory import PeakMemory, synchronize
@@ -382,16 +382,20 @@ class Engine:
         row_plans = [m.row_plan(p.modality[: n_ctx[b]], n_ctx[b]) for b, (m, p) in enumerate(zip(methods, prompts))]
         plans = [rp[0] for rp in row_plans]
         variants = [rp[1] for rp in row_plans]
+        input_ids, pos, mm_types, fwd_len = self._with_reconstruction(prompts, plans, positions, input_ids, pos,
+                                                                      mm_types)
         stats = PrefillStats(plans, dims.n_layers, self.stats_chunk_bytes) if any(p.any for p in plans) else None
         cache = RaggedKVCache(dims.n_layers, bsz, reserve=reserve)
 
         # -- prefill
         t0 = time.perf_counter()
-        hidden = self.forward(cache, "prefill", input_ids, pos, n_ctx, vision=vision, modality=mm_types, stats=stats)
+        hidden = self.forward(cache, "prefill", input_ids, pos, fwd_len, vision=vision, modality=mm_types, stats=stats)
         del vision
         last = hidden[torch.arange(bsz, device=dev), torch.tensor(n_ctx, device=dev) - 1]
         logits = hf_glue.lm_head(self.model)(last).float()
         del hidden
+        if fwd_len != n_ctx:  # KVzip rows: drop the reconstruction's K/V, keep the context's
+            truncate_rows(cache, n_ctx, reserve)
         synchronize(dev)
         t1 = time.perf_counter()
         kv_full = [cache.row_bytes(b) for b in range(bsz)]
@@ -407,6 +411,44 @@ class Engine:
         t2 = time.perf_counter()
         kv_kept = [cache.row_bytes(b) for b in range(bsz)]
         return _Prefilled(cache, logits, positions, comps, methods, outcomes, kv_full, kv_kept, t1 - t0, t2 - t1)
+
+    def _with_reconstruction(self, prompts, plans, positions, input_ids, pos, mm_types):
+        """Append each KVzip row's reconstruction prompt (`ModelAdapter.reconstruction_ids`) after its
+        context, at the following positions, and tell its plan where the context ends. Returns the
+        (possibly wider) inputs and each row's forward length."""
+        n_ctx = [p.n_context for p in prompts]
+        extra = [self.adapter.reconstruction_ids(p) if plan.reconstruct else None for p, plan in zip(prompts, plans)]
+        if all(e is None for e in extra):
+            return input_ids, pos, mm_types, n_ctx
+        fwd_len = [n + (0 if e is None else int(e.numel())) for n, e in zip(n_ctx, extra)]
+        width = max(fwd_len)
+        bsz, axes = len(prompts), pos.shape[0]
+        ids = torch.full((bsz, width), self.adapter.pad_token_id, dtype=torch.long)
+        new_pos = torch.zeros((axes, bsz, width), dtype=torch.long)
+        types = torch.zeros((bsz, width), dtype=torch.int32)
+        ids[:, : input_ids.shape[1]] = input_ids
+        new_pos[:, :, : pos.shape[2]] = pos
+        types[:, : mm_types.shape[1]] = mm_types
+        for b, e in enumerate(extra):
+            if e is None:
+                continue
+            n, r = n_ctx[b], int(e.numel())
+            ids[b, n : n + r] = e
+            new_pos[:, b, n : n + r] = positions[b][0][:, n - 1 : n] + torch.arange(1, r + 1)[None]
+            plans[b].n_context = n
+        return ids, new_pos, types, fwd_len
+
+    def prefill_length(self, prepared: PreparedRequest, default: CompressionConfig | None = None) -> int:
+        """Tokens the prefill forward runs for ``prepared``: its context, plus KVzip's reconstruction
+        prompt when its method is ``kvzip`` (what a prefill's memory and token budget must count)."""
+        p = prepared.prompt
+        comp = prepared.request.compression or default
+        if comp is not None and comp.method == "kvzip" and comp.keep_fraction(p.n_context) < 1.0:
+            try:
+                return p.n_context + int(self.adapter.reconstruction_ids(p).numel())
+            except ConfigError:
+                return p.n_context  # the prefill raises it, for this request alone
+        return p.n_context
 
     @torch.inference_mode()
     def _run_batch(self, batch: list[PreparedRequest], default: CompressionConfig) -> Iterator[StreamEvent]:

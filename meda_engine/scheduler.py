@@ -312,11 +312,11 @@ class Scheduler:
         self._peak.reset()
 
     # ---- submission -----------------------------------------------------------------------------
-    def reservation_bytes(self, prepared: "PreparedRequest") -> int:
+    def reservation_bytes(self, prepared: "PreparedRequest", default: CompressionConfig | None = None) -> int:
         """KV bytes admission reserves to prefill ``prepared`` alone (`group_reservation_bytes`)."""
-        return self.group_reservation_bytes([prepared])
+        return self.group_reservation_bytes([prepared], default)
 
-    def group_reservation_bytes(self, batch: Sequence["PreparedRequest"]) -> int:
+    def group_reservation_bytes(self, batch: Sequence["PreparedRequest"], default: CompressionConfig | None = None) -> int:
         """An upper bound on the KV bytes a batched prefill of ``batch`` holds at its peak
         (`Engine.prefill_rows`), with ``P`` = a layer's padded block (rows x longest context; one
         request: its context + decode room) and ``R`` = a layer's row copies (each row's context +
@@ -326,7 +326,8 @@ class Scheduler:
         per_layer = self._bytes_per_slot // self._n_layers
         rooms = [p.generation.max_new_tokens + (p.prompt.length - p.prompt.n_context) for p in batch]
         ctx = [p.prompt.n_context for p in batch]
-        padded = ctx[0] + rooms[0] if len(batch) == 1 else len(batch) * max(ctx)
+        fwd = [self.engine.prefill_length(p, default or self.default_compression) for p in batch]  # KVzip: + its repeat
+        padded = fwd[0] + rooms[0] if len(batch) == 1 else len(batch) * max(fwd)
         rows = sum(c + r for c, r in zip(ctx, rooms))
         return (self._n_layers + 2) * max(padded, rows) * per_layer
 
@@ -342,7 +343,7 @@ class Scheduler:
         if max_new_tokens is not None and prepared.generation.max_new_tokens != max_new_tokens:
             prepared = dataclasses.replace(
                 prepared, generation=dataclasses.replace(prepared.generation, max_new_tokens=max_new_tokens))
-        need = self.reservation_bytes(prepared)
+        need = self.reservation_bytes(prepared, compression)
         if need > self.kv_cache_memory_bytes:
             raise RequestTooLarge(
                 f"request {prepared.request.request_id} needs {need} KV bytes to prefill "
@@ -452,9 +453,10 @@ class Scheduler:
         while self._waiting and len(self._running) + len(group) < self.max_num_seqs:
             cand = [e.prepared for e in group] + [self._waiting[0].prepared]
             if group and (self._waiting[0].default != group[0].default
-                          or len(cand) * max(p.prompt.n_context for p in cand) > self.max_num_batched_tokens):
+                          or len(cand) * max(self.engine.prefill_length(p, group[0].default) for p in cand)
+                          > self.max_num_batched_tokens):
                 break  # one default per prefill batch; the step's prefill token budget (padded) is spent
-            need = self.group_reservation_bytes(cand)
+            need = self.group_reservation_bytes(cand, self._waiting[0].default)
             if in_use + need > self.kv_cache_memory_bytes:
                 break  # FCFS: wait for rows to retire
             group.append(self._waiting.popleft())

@@ -35,7 +35,7 @@ import torch
 
 from meda_engine import hf_glue
 from meda_engine.attention import PrefillStats, RowPlan
-from meda_engine.cache import RaggedKVCache
+from meda_engine.cache import RaggedKVCache, truncate_rows
 from meda_engine.compression import CompressionOutcome, build_method, compress_cache
 from meda_engine.config import CompressionConfig
 from meda_engine.detokenizer import Detokenizer
@@ -60,6 +60,7 @@ def union_plan(configs: Sequence[CompressionConfig], modality: torch.Tensor, len
         window=windows.pop() if windows else 0,
         cross_modal=any(p.cross_modal for p in plans),
         modality=modality,
+        reconstruct=any(p.reconstruct for p in plans),
     )
 
 
@@ -104,11 +105,17 @@ def prefill(engine, prepared, configs: Sequence[CompressionConfig]) -> SharedPre
     stats = PrefillStats([plan], engine.dims.n_layers, engine.stats_chunk_bytes) if plan.any else None
     cache = RaggedKVCache(engine.dims.n_layers, 1, reserve=reserve)
     vision = engine.adapter.collate_vision([p], dev)
+    # KVzip in the union: its reconstruction prompt follows the context in this same forward (the other
+    # statistics and the K/V kept see the context alone), then its K/V are dropped
+    ids, pos, types, fwd_len = engine._with_reconstruction(
+        [p], [plan], [(positions, next_pos)], p.input_ids[None, :n_ctx], positions[:, None, :n_ctx],
+        p.modality[None, :n_ctx].to(torch.int32))
     t0 = time.perf_counter()
-    hidden = engine.forward(cache, "prefill", p.input_ids[None, :n_ctx], positions[:, None, :n_ctx], [n_ctx],
-                            vision=vision, modality=p.modality[None, :n_ctx].to(torch.int32), stats=stats)
+    hidden = engine.forward(cache, "prefill", ids, pos, fwd_len, vision=vision, modality=types, stats=stats)
     logits = hf_glue.lm_head(engine.model)(hidden[0, n_ctx - 1]).float()
     del hidden, vision
+    if fwd_len != [n_ctx]:
+        truncate_rows(cache, [n_ctx], reserve)
     synchronize(dev)
     return SharedPrefill(prepared, cache, stats, logits, positions, int(next_pos), reserve, cache.row_bytes(0),
                          time.perf_counter() - t0)

@@ -70,13 +70,14 @@ def snapshot(shared: sp.SharedPrefill) -> list[torch.Tensor]:
     return out
 
 
-def check_shared_equals_alone(eng: Engine, prep: PreparedRequest, batched: bool = False) -> list[list[int]]:
-    alone = [eng.generate([prep], compression=c)[0] for c in CONFIGS]
-    shared = sp.prefill(eng, prep, CONFIGS)
+def check_shared_equals_alone(eng: Engine, prep: PreparedRequest, batched: bool = False,
+                              configs=CONFIGS) -> list[list[int]]:
+    alone = [eng.generate([prep], compression=c)[0] for c in configs]
+    shared = sp.prefill(eng, prep, configs)
     before = snapshot(shared)
     outs = []
-    answers = sp.answer_many(eng, shared, CONFIGS, max_rows=5) if batched else None
-    for i, (cfg, ref) in enumerate(zip(CONFIGS, alone)):
+    answers = sp.answer_many(eng, shared, configs, max_rows=5) if batched else None
+    for i, (cfg, ref) in enumerate(zip(configs, alone)):
         got = answers[i] if batched else sp.answer(eng, shared, cfg)
         where = f"{cfg.method} budget={cfg.budget} merge={cfg.merge_mode} entropy={cfg.entropy}"
         assert got.token_ids == ref.token_ids, where
@@ -130,3 +131,13 @@ def test_union_plan_refuses_configs_recorded_differently(engines):
     plan = sp.union_plan([CompressionConfig("full"), CompressionConfig("streamingllm", budget=0.3),
                           CompressionConfig("snapkv", budget=0.3, window=4)], prep.prompt.modality, 40)
     assert plan.window == 4 and not plan.column_sums and not plan.row_entropy
+
+
+@pytest.mark.parametrize(("protocol", "batched"), [("answer_from", False), ("query_after", True)])
+def test_shared_prefill_with_kvzip_in_the_union(engines, protocol, batched):
+    """A text prompt: kvzip's reconstruction runs in the shared forward, and every other config still
+    answers exactly as alone (its statistics and K/V see the context only)."""
+    eng = engines["llama"]
+    configs = [CompressionConfig("kvzip", budget=0.3, **KNOBS), *CONFIGS[1:7],
+               CompressionConfig("kvzip", budget=0.15, **KNOBS)]
+    check_shared_equals_alone(eng, prepared(eng, "llama", protocol), batched, configs)

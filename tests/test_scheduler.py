@@ -252,7 +252,7 @@ def test_kv_cap_is_never_exceeded_over_a_randomized_run(engines, monkeypatch):
     for h, r in zip(handles, reqs):
         assert h.result().token_ids == alone(eng, r).token_ids
     # The check can fail: without the prefill reservation, admission overshoots the cap.
-    monkeypatch.setattr(Scheduler, "group_reservation_bytes", lambda self, batch: 0)
+    monkeypatch.setattr(Scheduler, "group_reservation_bytes", lambda self, batch, default=None: 0)
     with pytest.raises(AssertionError):
         run(Scheduler(eng, max_num_seqs=8, kv_cache_memory_bytes=cap))
 

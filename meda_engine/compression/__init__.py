@@ -12,7 +12,7 @@ from .allocators import (
 from .compressor import CompressionOutcome, compress_cache
 from .merge import KVMerger
 from .methods import Method, build_method
-from .scorers import AccumulatedAttentionScorer, RecencyScorer, WindowAttentionScorer
+from .scorers import AccumulatedAttentionScorer, ReconstructionScorer, RecencyScorer, WindowAttentionScorer
 from .selection import recent_window, select_tokens
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Method",
     "PyramidAllocator",
     "RecencyScorer",
+    "ReconstructionScorer",
     "UniformAllocator",
     "WindowAttentionScorer",
     "build_method",

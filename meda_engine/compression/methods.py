@@ -10,6 +10,7 @@
 | lookm        | accumulated + text prior     | uniform          | merge (average)               |
 | meda         | accumulated + text prior     | entropy          | merge (average)               |
 | meda-window  | window attention, pooled     | entropy          | evict                         |
+| kvzip        | context reconstruction (max) | uniform          | evict                         |
 
 H2O here is the one-shot variant (compress once after prefill) so every method runs on equal terms.
 
@@ -17,6 +18,13 @@ H2O here is the one-shot variant (compress once after prefill) so every method r
 SnapKV's observation-window scorer, selection and eviction: it differs from ``snapkv`` *only* in the
 allocation, so ``meda-window`` vs ``snapkv`` isolates entropy-driven vs uniform layer budgets on a
 query-aware scorer (``meda`` vs ``lookm`` does the same on accumulated attention).
+
+``kvzip`` scores the context by how much the model attends to it while repeating it (KVzip, Kim et
+al. 2025, the query-agnostic press of kvpress), at a uniform budget per layer and KV head (kvpress's
+``KVzipPress(layerwise=True)``; its default ranks all layers and heads together, which a cache with one
+length per layer cannot hold). The reconstruction runs in the prefill forward itself (context, then
+the repeat prompt), so it costs a second pass over the context's length; its K/V are dropped before
+compression. Text prompts only: the model cannot repeat pixels.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from ..attention import RowPlan
 from ..config import CompressionConfig
 from .allocators import EntropyAllocator, PyramidAllocator, UniformAllocator
 from .merge import KVMerger
-from .scorers import AccumulatedAttentionScorer, RecencyScorer, WindowAttentionScorer
+from .scorers import AccumulatedAttentionScorer, ReconstructionScorer, RecencyScorer, WindowAttentionScorer
 
 
 @dataclass(frozen=True)
@@ -89,4 +97,6 @@ def build_method(cfg: CompressionConfig) -> Method:
     if m == "meda-window":
         alloc = EntropyAllocator(cfg.temperature, cfg.min_layer_ratio, cfg.max_layer_ratio)
         return Method(cfg, WindowAttentionScorer(cfg.window, cfg.pool_kernel), alloc, merger)
+    if m == "kvzip":
+        return Method(cfg, ReconstructionScorer(sink=cfg.sink), UniformAllocator(), merger)
     raise AssertionError(m)  # CompressionConfig validated the name

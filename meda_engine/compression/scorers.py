@@ -60,3 +60,24 @@ class RecencyScorer:
         s = torch.arange(length, dtype=torch.float32, device=device)
         s[: self.sink] = float(length) + 1.0
         return s[None].expand(n_kv_heads, -1).clone()
+
+
+@dataclass(frozen=True)
+class ReconstructionScorer:
+    """KVzip (Kim et al. 2025): how much the model needs each context token to *repeat the context*.
+    The context is followed, in the same prefill forward, by "Repeat the previous context exactly."
+    and the context itself (`ModelAdapter.reconstruction_ids`); a token's score is the largest
+    attention it receives from any reconstruction query and any query head of its KV head. The
+    scores do not depend on the question, which is what the query-agnostic protocol needs. The first
+    ``sink`` tokens are always kept, as KVzip does."""
+
+    sink: int = 4
+
+    def plan(self, plan: RowPlan) -> None:
+        plan.reconstruct = True
+
+    def score(self, stats: RowStats, n_kv_heads: int, length: int, device) -> torch.Tensor:
+        assert stats.recon_scores is not None, "reconstruction scores were not recorded"
+        s = stats.recon_scores.clone()
+        s[:, : self.sink] = float(s.max()) + 1.0
+        return s

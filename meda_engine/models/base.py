@@ -116,6 +116,36 @@ class ModelAdapter:
                 f"context of {self.max_context} tokens; use fewer frames or a smaller pixel budget"
             )
 
+    # KVzip's reconstruction prompt (`compression.ReconstructionScorer`)
+    RECONSTRUCT_INSTRUCTION: ClassVar[str] = "\n\nRepeat the previous context exactly."
+
+    def reconstruction_ids(self, prompt: PreparedPrompt) -> torch.Tensor:
+        """The tokens that follow the context in a KVzip prefill: the instruction, the chat template's
+        turn change to the assistant, then the context again without the template's opening (as
+        kvpress's `KVzipPress.prepare`). Prompts holding images or video raise `ConfigError`."""
+        n = prompt.n_context
+        if bool((prompt.modality[:n] != TEXT).any()):
+            raise ConfigError("kvzip scores the context by having the model repeat it as text; prompts with "
+                              "images or video are not supported (use another method)")
+        prefix_len, suffix = self._template_frame()
+        instruction = self._tokenize(self.RECONSTRUCT_INSTRUCTION)
+        return torch.cat([instruction, suffix, prompt.input_ids[min(prefix_len, n - 1) : n]])
+
+    def _template_frame(self) -> tuple[int, torch.Tensor]:
+        """Tokens of the chat template before a user message, and the template's text after one (the
+        assistant's turn), found by rendering a dummy message (idempotent, computed once)."""
+        frame = getattr(self, "_frame", None)
+        if frame is None:
+            dummy, sep = "dummy context", "\n" + "#" * 13
+            template = None if getattr(self.tokenizer, "chat_template", None) else self.default_chat_template()
+            kwargs = {"chat_template": template} if template else {}
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": dummy + sep}],
+                                                      add_generation_prompt=True, tokenize=False, **kwargs)
+            head, suffix = text.split(sep, 1)
+            frame = (int(self._tokenize(head.split(dummy)[0]).numel()), self._tokenize(suffix))
+            self._frame = frame
+        return frame
+
     @staticmethod
     def _context_split(modality: torch.Tensor, request: Request) -> int:
         """How many prompt tokens are prefilled (and compressed) before the rest is fed (see `Request`)."""
