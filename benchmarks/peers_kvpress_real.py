@@ -183,6 +183,39 @@ def render(data: dict[str, Any], ours: dict[str, Any]) -> str:
             out.append(common.md_table(["pair", "protocol", "budget", "item", "kvpress", "ours"],
                                        [[p[0], p[1], p[2], p[3], repr(p[5][:70]), repr((p[6] or "")[:70])]
                                         for p in diffs]))
+    # ours and theirs side by side on exactly the prompts kvpress answered (per protocol and budget)
+    items: dict[tuple, set] = {}
+    for key in data.get("answers", {}):
+        press, budget, protocol, uid = key.split("|", 3)
+        if press != "none":
+            items.setdefault((protocol, float(budget)), set()).add(uid)
+    head_to_head = []
+    for (protocol, budget), uids in sorted(items.items()):
+        scores: dict[str, list[float]] = {}
+        for key, rec in ours.get("matrix", {}).items():
+            name, b, prot, uid = key.split("|", 3)
+            if prot == protocol and float(b) == budget and uid in uids:
+                scores.setdefault(name, []).append(rec["score"])
+        for key, rec in data["answers"].items():
+            press, b, prot, uid = key.split("|", 3)
+            if prot == protocol and float(b) == budget and uid in uids:
+                scores.setdefault(f"kvpress:{press}", []).append(rec["score"])
+        complete = {n: v for n, v in scores.items() if len(v) == len(uids)}
+        if not complete:
+            continue
+        ours_best = max((n for n in complete if not n.startswith("kvpress:")), key=lambda n: sum(complete[n]),
+                        default=None)
+        theirs_best = max((n for n in complete if n.startswith("kvpress:")), key=lambda n: sum(complete[n]),
+                          default=None)
+        ranked = sorted(complete, key=lambda n: -sum(complete[n]))
+        head_to_head.append([protocol, budget, len(uids),
+                             f"{ours_best} {sum(complete[ours_best]) / len(uids):.0%}" if ours_best else "-",
+                             f"{theirs_best} {sum(complete[theirs_best]) / len(uids):.0%}" if theirs_best else "-",
+                             ", ".join(f"{n} {sum(complete[n]) / len(uids):.0%}" for n in ranked)])
+    if head_to_head:
+        out.append("\nOurs against kvpress on the same prompts (every config that answered all of them):\n")
+        out.append(common.md_table(["protocol", "budget", "prompts", "our best", "kvpress best", "all, best first"],
+                                   head_to_head))
     if data.get("errors"):
         out.append("\nErrors recorded:\n")
         out += [f"- {e.get('prompt', e.get('at'))}: {e['why'][:400]}" for e in data["errors"]]
