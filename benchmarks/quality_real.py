@@ -60,6 +60,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "meda-window-t2": {"method": "meda-window", "temperature": 2.0},
     # KVzip's context-reconstruction scores (query-agnostic), uniform per layer
     "kvzip": {"method": "kvzip"},
+    # the same scores with kvpress's default allocation: all layers ranked together (differs only there)
+    "kvzip-global": {"method": "kvzip-global"},
 }
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
 PROTOCOLS = ("aware", "agnostic")
@@ -348,7 +350,8 @@ def run_retention(args) -> None:
             for key, cfg in zip(keys, cfgs):
                 method = build_method(cfg)
                 _, variant = method.row_plan(mod, n_ctx)
-                counts, _, _ = allocate(method, shared.stats, 0, n_ctx, n_layers, variant)
+                counts, _, _ = allocate(method, shared.stats, 0, n_ctx, n_layers, variant,
+                                        n_kv_heads=engine.dims.n_kv_heads, device=engine.device)
                 frac, whole = [], []
                 for l in range(n_layers):
                     rec = shared.stats.layers[l][0]

@@ -12,7 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "lookm", "meda", "meda-window", "kvzip")
+METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "lookm", "meda", "meda-window", "kvzip",
+           "kvzip-global")
+# methods whose scores come from the model repeating the context (a longer prefill forward; text only)
+RECONSTRUCTION_METHODS = ("kvzip", "kvzip-global")
 ENTROPY_VARIANTS = ("paper", "code")
 MERGE_MODES = ("none", "average", "pivot", "weighted")
 
@@ -33,6 +36,7 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "meda": {"text_prior": True, "merge": "average"},
     "meda-window": {"text_prior": False, "merge": "none"},
     "kvzip": {"text_prior": False, "merge": "none"},
+    "kvzip-global": {"text_prior": False, "merge": "none"},
 }
 
 

@@ -39,7 +39,7 @@ from . import hf_glue
 from .attention import ForwardContext, PrefillStats
 from .cache import RaggedKVCache, RowBatchCache, restore_lengths, snapshot_lengths, split_rows, truncate_rows
 from .compression import CompressionOutcome, build_method, compress_cache
-from .config import CompressionConfig, ConfigError, GenerationConfig
+from .config import RECONSTRUCTION_METHODS, CompressionConfig, ConfigError, GenerationConfig
 from .memory import PeakMemory, synchronize
 from .models import ModelAdapter, PreparedPrompt, build_adapter
 from .models.loading import load_preprocessor_config, resolve_source
@@ -440,10 +440,10 @@ class Engine:
 
     def prefill_length(self, prepared: PreparedRequest, default: CompressionConfig | None = None) -> int:
         """Tokens the prefill forward runs for ``prepared``: its context, plus KVzip's reconstruction
-        prompt when its method is ``kvzip`` (what a prefill's memory and token budget must count)."""
+        prompt when its method is ``kvzip`` or ``kvzip-global`` (what a prefill's memory and token budget must count)."""
         p = prepared.prompt
         comp = prepared.request.compression or default
-        if comp is not None and comp.method == "kvzip" and comp.keep_fraction(p.n_context) < 1.0:
+        if comp is not None and comp.method in RECONSTRUCTION_METHODS and comp.keep_fraction(p.n_context) < 1.0:
             try:
                 return p.n_context + int(self.adapter.reconstruction_ids(p).numel())
             except ConfigError:

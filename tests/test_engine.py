@@ -18,7 +18,7 @@ from meda_engine import (
     UnsupportedModelError,
     Video,
 )
-from meda_engine.config import METHODS
+from meda_engine.config import METHODS, RECONSTRUCTION_METHODS
 from tiny_models import MULTIMODAL, build_checkpoint
 
 torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def test_image_only_and_video_only_prompts_match_transformers(checkpoints, engin
         assert got.token_ids == expected
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("full", "kvzip")])  # kvzip: text only, tests/test_kvzip.py
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("full", *RECONSTRUCTION_METHODS)])  # kvzip: text only, tests/test_kvzip.py
 def test_compressed_cache_holds_budget_per_layer_and_bytes_match(method, engines):
     eng = engines["qwen2_vl"]
     req = make_request("qwen2_vl", video=LONG_VIDEO)

@@ -78,9 +78,10 @@ def test_kvzip_keeps_the_budget_and_holds_no_reconstruction_bytes(engine):
     assert same.token_ids == full.token_ids
 
 
-def test_kvzip_row_in_a_batch_equals_it_alone_and_leaves_its_neighbours_alone(engine):
+@pytest.mark.parametrize("method", ["kvzip", "kvzip-global"])
+def test_kvzip_row_in_a_batch_equals_it_alone_and_leaves_its_neighbours_alone(engine, method):
     """Batched prefill: a kvzip row (wider forward) beside a snapkv and a full row."""
-    reqs = [_request(compression=CompressionConfig(method="kvzip", budget=0.3)),
+    reqs = [_request(compression=CompressionConfig(method=method, budget=0.3)),
             Request(prompt=PROMPT[:150], compression=CompressionConfig(method="snapkv", budget=0.5),
                     generation=GenerationConfig(max_new_tokens=8)),
             Request(prompt=PROMPT[:90], generation=GenerationConfig(max_new_tokens=8))]
@@ -104,14 +105,15 @@ def test_a_prefill_that_forgot_to_drop_the_reconstruction_is_caught(engine, monk
     assert bad.telemetry.kv_bytes_full > good.telemetry.kv_bytes_full
 
 
-def test_kvzip_on_a_prompt_with_video_fails_alone(tmp_path):
+@pytest.mark.parametrize("method", ["kvzip", "kvzip-global"])
+def test_kvzip_on_a_prompt_with_video_fails_alone(tmp_path, method):
     import numpy as np
 
     ckpt = build_checkpoint("qwen2_vl", tmp_path / "vl", seed=1)
     eng = Engine.from_pretrained(str(ckpt), device="cpu", dtype="float32")
     video = np.random.default_rng(0).integers(0, 255, (4, 112, 112, 3), dtype=np.uint8)
     bad = Request(prompt="what is in the video ?", video=video, video_fps=2.0,
-                  compression=CompressionConfig(method="kvzip", budget=0.5), generation=GenerationConfig(max_new_tokens=4))
+                  compression=CompressionConfig(method=method, budget=0.5), generation=GenerationConfig(max_new_tokens=4))
     good = Request(prompt="what is in the video ?", video=video, video_fps=2.0,
                    compression=CompressionConfig(method="snapkv", budget=0.5), generation=GenerationConfig(max_new_tokens=4))
     with pytest.raises(ConfigError, match="kvzip"):
@@ -127,3 +129,86 @@ def test_kvzip_method_is_the_reconstruction_scorer():
     m = build_method(CompressionConfig(method="kvzip", budget=0.2))
     plan, variant = m.row_plan(torch.zeros(64, dtype=torch.int8), 64)
     assert plan.reconstruct and not plan.column_sums and variant is None
+
+
+# ---- kvzip-global: the same scores, all layers ranked together ------------------------------------
+
+
+def _eager_reconstruction_scores(engine, checkpoint, prompt):
+    """KVzip's scores from transformers' eager attention maps alone (not the engine's statistics):
+    per layer ``(H_kv, n)``, the max over the repeat rows and the group's query heads, sinks on top."""
+    n = prompt.n_context
+    ids = torch.cat([prompt.input_ids[:n], engine.adapter.reconstruction_ids(prompt)])
+    ref = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    with torch.no_grad():
+        maps = ref(ids[None], output_attentions=True).attentions
+    h_kv, g = engine.dims.n_kv_heads, engine.dims.n_heads // engine.dims.n_kv_heads
+    out = []
+    for a in maps:
+        s = a[0].float()[:, n:, :n].amax(dim=1).view(h_kv, g, n).amax(dim=1)
+        s[:, :4] = s.max() + 1.0  # the sink tokens (ReconstructionScorer's default)
+        out.append(s)
+    return out
+
+
+def _global_shares(scores, budget):
+    """Each layer's share of the (layer, head, token) entries that win a global ranking, in tokens."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    order = torch.argsort(flat, descending=True, stable=True)[: round(budget * flat.numel())]
+    layer_of = torch.cat([torch.full((s.numel(),), l) for l, s in enumerate(scores)])
+    h_kv = scores[0].shape[0]
+    return [float(c) / h_kv for c in torch.bincount(layer_of[order], minlength=len(scores))]
+
+
+def _misallocated_layers(budgets, shares, length):
+    """Layers whose kept count is off the global ranking's share by more than rounding (and the
+    1% floor, which the allocator applies: at most one token per layer here)."""
+    floor = max(1, int(0.01 * length) + 1)
+    return [l for l, (b, w) in enumerate(zip(budgets, shares)) if abs(b - w) > 1.0 + max(0.0, floor - w)]
+
+
+def test_kvzip_global_keeps_each_layer_its_share_of_the_global_ranking(engine, checkpoint):
+    req = _request()
+    prompt = engine.prepare(req).prompt
+    n, n_layers = prompt.n_context, engine.dims.n_layers
+    out = engine.generate([req], compression=CompressionConfig(method="kvzip-global", budget=0.25))[0]
+    budgets = out.telemetry.layer_budgets
+    assert sum(budgets) == round(0.25 * n * n_layers)  # the total budget, exactly
+    shares = _global_shares(_eager_reconstruction_scores(engine, checkpoint, prompt), 0.25)
+    assert not _misallocated_layers(budgets, shares, n), (budgets, shares)
+    assert max(budgets) - min(budgets) >= 4, "the tiny model's layers should not all win alike"
+    uniform = engine.generate([req], compression=CompressionConfig(method="kvzip", budget=0.25))[0]
+    assert uniform.telemetry.layer_budgets != budgets
+    # the bytes held follow the counts
+    per_token = 2 * engine.dims.n_kv_heads * engine.dims.head_dim * 4
+    assert out.telemetry.kv_bytes_kept == sum(budgets) * per_token
+
+
+def test_a_per_layer_ranking_in_kvzip_global_is_caught(engine, checkpoint, monkeypatch):
+    """The check above can fail: an allocator that ranks inside each layer (uniform counts) is off."""
+    from meda_engine.compression.allocators import GlobalScoreAllocator
+
+    req = _request()
+    prompt = engine.prepare(req).prompt
+    monkeypatch.setattr(GlobalScoreAllocator, "ratios",
+                        lambda self, budget, n_layers, entropies=None, *, scores=None: [budget] * n_layers)
+    out = engine.generate([req], compression=CompressionConfig(method="kvzip-global", budget=0.25))[0]
+    shares = _global_shares(_eager_reconstruction_scores(engine, checkpoint, prompt), 0.25)
+    assert _misallocated_layers(out.telemetry.layer_budgets, shares, prompt.n_context)
+
+
+def test_global_score_allocator_conserves_the_budget_and_rejects_bad_scores():
+    from meda_engine.compression.allocators import GlobalScoreAllocator
+
+    alloc = GlobalScoreAllocator(min_ratio=0.0)
+    hot = torch.ones(2, 10)
+    cold = torch.zeros(2, 10)
+    # layer 0 wins every entry it can: all of it at budget 0.5 over two layers
+    assert alloc.ratios(0.5, 2, scores=[hot, cold]) == pytest.approx([1.0, 0.0])
+    assert alloc.ratios(0.25, 2, scores=[hot, cold]) == pytest.approx([0.5, 0.0])
+    r = GlobalScoreAllocator(min_ratio=0.1).ratios(0.25, 2, scores=[hot, cold])
+    assert r == pytest.approx([0.4, 0.1]) and sum(r) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="finite"):
+        alloc.ratios(0.5, 2, scores=[hot, torch.full((2, 10), float("nan"))])
+    with pytest.raises(ValueError, match="every layer"):
+        alloc.ratios(0.5, 2)

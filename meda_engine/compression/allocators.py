@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
 
 
 def _check_finite(name: str, values: list[float]) -> None:
@@ -182,6 +185,8 @@ def ratios_to_tokens(ratios: list[float], length: int, *, minimum: int = 1,
 class UniformAllocator:
     """Every layer keeps the same fraction."""
 
+    uses_scores: ClassVar[bool] = False
+
     def ratios(self, budget: float, n_layers: int, entropies: list[float] | None = None) -> list[float]:
         return [budget] * n_layers
 
@@ -192,6 +197,7 @@ class PyramidAllocator:
     ``max/min = 2*beta - 1`` before clamping (kvpress's formula: min = mean/beta, max = 2*mean - min)."""
 
     beta: float = 20.0
+    uses_scores: ClassVar[bool] = False
 
     def ratios(self, budget: float, n_layers: int, entropies: list[float] | None = None) -> list[float]:
         if n_layers == 1:
@@ -211,6 +217,7 @@ class EntropyAllocator:
     temperature: float = 1.0
     min_ratio: float = 0.01
     max_ratio: float = 1.0
+    uses_scores: ClassVar[bool] = False
 
     def ratios(self, budget: float, n_layers: int, entropies: list[float] | None = None) -> list[float]:
         if not entropies:
@@ -223,3 +230,41 @@ class EntropyAllocator:
         low = min(self.min_ratio, budget)
         high = max(self.max_ratio, budget)
         return clamp_to_mean_log([float(e) / self.temperature for e in entropies], budget, low, high)
+
+
+@dataclass(frozen=True)
+class GlobalScoreAllocator:
+    """KVzip's global allocation (kvpress's ``KVzipPress(layerwise=False)``, AdaKV's principle): the
+    budget of all layers together goes to the highest-scored (layer, KV head, token) entries, ranked
+    across layers; a layer keeps the share of its entries that won, ``r_l = won_l / (H_kv * L)``,
+    clamped to ``[min_ratio, max_ratio]`` with the total conserved (`clamp_to_mean`).
+
+    Each layer holds one cache length for all its KV heads, so the heads of a layer then keep their
+    own top ``r_l * L`` tokens each (kvpress lets the heads of a layer differ too). The scores must be
+    comparable across layers: attention probabilities (KVzip's max over the repeat queries) are."""
+
+    min_ratio: float = 0.01
+    max_ratio: float = 1.0
+    uses_scores: ClassVar[bool] = True
+
+    def ratios(self, budget: float, n_layers: int, entropies: list[float] | None = None, *,
+               scores: list[torch.Tensor] | None = None) -> list[float]:
+        """``scores``: one ``(H_kv, L)`` tensor per layer (higher is kept first)."""
+        if not scores:
+            raise ValueError("the global allocator needs every layer's token scores")
+        if len(scores) != n_layers:
+            raise ValueError(f"{len(scores)} layers of scores for {n_layers} layers")
+        flat = torch.cat([s.float().reshape(-1) for s in scores])
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("token scores must be finite (non-finite attention statistics: check the model's "
+                             "dtype/weights)")
+        k = min(flat.numel(), max(0, round(budget * flat.numel())))
+        if k == 0 or k == flat.numel():
+            return [budget] * n_layers
+        sizes = torch.tensor([s.numel() for s in scores])
+        layer_of = torch.repeat_interleave(torch.arange(n_layers), sizes)
+        won = torch.bincount(layer_of[torch.topk(flat, k, sorted=False).indices], minlength=n_layers)
+        weights = (won.double() / sizes.double()).tolist()
+        low = min(self.min_ratio, budget)
+        high = max(self.max_ratio, budget)
+        return clamp_to_mean(weights, budget, low, high)

@@ -32,14 +32,17 @@ def _allocation_error(method: Method, exc: ValueError) -> ValueError:
 
 
 def allocate(method: Method, stats: PrefillStats | None, row: int, length: int, n_layers: int,
-             variant: str | None) -> tuple[list[int], list[float] | None, bool]:
+             variant: str | None, *, n_kv_heads: int = 1, device: torch.device | str = "cpu",
+             ) -> tuple[list[int], list[float] | None, bool]:
     """Tokens to keep per layer for one row, the layer entropies used (if any), and whether the
     1-token-per-layer floor raised the total above the budget.
 
     The counts sum exactly to ``round(rho * length * n_layers)`` (``rho`` = the config's keep
     fraction for this length), each within ``[1, length]`` (`ratios_to_tokens`); where that total is
     below ``n_layers`` the floor wins and the flag is set. Non-finite layer entropies raise
-    ``ValueError`` (never a silent minimum allocation)."""
+    ``ValueError`` (never a silent minimum allocation). A score-driven allocator (`GlobalScoreAllocator`)
+    gets every layer's ``(H_kv, L)`` token scores (``n_kv_heads``, ``device``: what a recency scorer builds
+    them with)."""
     rho = method.config.keep_fraction(length)
     if method.scorer is None or rho >= 1.0:
         return [length] * n_layers, None, False
@@ -48,8 +51,13 @@ def allocate(method: Method, stats: PrefillStats | None, row: int, length: int, 
         assert stats is not None
         field = "cross_modal_entropy" if variant == "paper" else "row_entropy"
         entropies = [float(getattr(stats.layers[l][row], field)) for l in range(n_layers)]
+    extra = {}
+    if method.allocator.uses_scores:  # a global allocator ranks every layer's token scores together
+        assert stats is not None
+        extra["scores"] = [method.scorer.score(stats.layers[l][row], n_kv_heads, length, device)
+                           for l in range(n_layers)]
     try:
-        ratios = method.allocator.ratios(rho, n_layers, entropies)
+        ratios = method.allocator.ratios(rho, n_layers, entropies, **extra)
         counts = ratios_to_tokens(ratios, length, minimum=1, budget=rho)
     except ValueError as exc:
         raise _allocation_error(method, exc) from exc
@@ -61,7 +69,9 @@ def compress_cache(cache: RaggedKVCache, stats: PrefillStats | None, methods: li
                    modalities: list[torch.Tensor], lengths: list[int], variants: list[str | None],
                    reserve: int) -> list[CompressionOutcome]:
     n_layers = len(cache.layers)
-    plans = [allocate(m, stats, b, lengths[b], n_layers, variants[b]) for b, m in enumerate(methods)]
+    n_kv, dev = cache.layers[0].keys.shape[1], cache.layers[0].keys.device
+    plans = [allocate(m, stats, b, lengths[b], n_layers, variants[b], n_kv_heads=n_kv, device=dev)
+             for b, m in enumerate(methods)]
     for l, layer in enumerate(cache.layers):
         layer.reserve = reserve
         assert layer.keys is not None and layer.values is not None

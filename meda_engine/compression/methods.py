@@ -11,6 +11,7 @@
 | meda         | accumulated + text prior     | entropy          | merge (average)               |
 | meda-window  | window attention, pooled     | entropy          | evict                         |
 | kvzip        | context reconstruction (max) | uniform          | evict                         |
+| kvzip-global | context reconstruction (max) | global (scores)  | evict                         |
 
 H2O here is the one-shot variant (compress once after prefill) so every method runs on equal terms.
 
@@ -25,6 +26,11 @@ al. 2025, the query-agnostic press of kvpress), at a uniform budget per layer an
 length per layer cannot hold). The reconstruction runs in the prefill forward itself (context, then
 the repeat prompt), so it costs a second pass over the context's length; its K/V are dropped before
 compression. Text prompts only: the model cannot repeat pixels.
+
+``kvzip-global`` is ``kvzip`` with kvpress's default allocation over the layers (`GlobalScoreAllocator`:
+all layers' scores ranked together, each layer keeping the share its entries won); it differs from
+``kvzip`` only in the allocation, as ``meda-window`` from ``snapkv``. kvpress's default also lets the
+heads of one layer keep different counts; here each head of a layer keeps the layer's count.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any
 
 from ..attention import RowPlan
 from ..config import CompressionConfig
-from .allocators import EntropyAllocator, PyramidAllocator, UniformAllocator
+from .allocators import EntropyAllocator, GlobalScoreAllocator, PyramidAllocator, UniformAllocator
 from .merge import KVMerger
 from .scorers import AccumulatedAttentionScorer, ReconstructionScorer, RecencyScorer, WindowAttentionScorer
 
@@ -99,4 +105,7 @@ def build_method(cfg: CompressionConfig) -> Method:
         return Method(cfg, WindowAttentionScorer(cfg.window, cfg.pool_kernel), alloc, merger)
     if m == "kvzip":
         return Method(cfg, ReconstructionScorer(sink=cfg.sink), UniformAllocator(), merger)
+    if m == "kvzip-global":
+        alloc = GlobalScoreAllocator(cfg.min_layer_ratio, cfg.max_layer_ratio)
+        return Method(cfg, ReconstructionScorer(sink=cfg.sink), alloc, merger)
     raise AssertionError(m)  # CompressionConfig validated the name
