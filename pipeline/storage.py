@@ -9,6 +9,7 @@ Every function taking a URL also takes the `filesystem_for` options (``endpoint_
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -409,13 +410,16 @@ def read_manifest(url: str, **options: Any) -> list[dict[str, Any]]:
     return read_manifest_table(url, **options).to_pylist()
 
 
-def read_manifest_table(url: str, **options: Any):
+def read_manifest_table(url: str, *, row_groups: list[int] | None = None, row_offset: int = 0, **options: Any):
     """A Parquet, CSV or JSONL manifest as one Arrow table (never one Python object per row): ``uri``
     (stripped, resolved against the manifest's directory when relative) and ``prompt`` (empty -> null,
     added when absent) plus every other column as it is. CSV cells are read as strings (as Python's csv
     module gives them, so ``007`` stays ``007``), empty ones as null. JSONL is read by pyarrow; a file it
     cannot type (a column whose JSON type changes between lines) or parse is read line by line instead,
     which names the bad line. Raises ValueError for a missing ``uri`` column or an empty uri (naming the row).
+
+    ``row_groups``: only these row groups of a Parquet manifest (one chunk of the distributed plan, whose
+    first row is row ``row_offset`` of the file: error messages count from there).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -424,13 +428,17 @@ def read_manifest_table(url: str, **options: Any):
     if fmt is None:
         raise ValueError(f"{url}: unknown manifest format (expected one of {sorted(MANIFEST_FORMATS)})")
     fs, path = filesystem_for(url, **options)
+    if row_groups is not None and fmt != "parquet":
+        raise ValueError(f"{url}: row groups are a Parquet manifest's; this one is {fmt}")
     reader = {"parquet": _parquet_table, "csv": _csv_table, "jsonl": _jsonl_table}[fmt]
+    if row_groups is not None:
+        reader = functools.partial(_parquet_row_groups, row_groups=row_groups)
     table = retry(lambda: reader(fs, path, url))
     _require_uri(table.column_names, url)
     uri = pc.utf8_trim_whitespace(_as_strings(table.column("uri")))
     empty = pc.fill_null(pc.equal(uri, ""), True)
     if pc.any(empty).as_py():
-        n = pc.index(empty, True).as_py() + 1
+        n = pc.index(empty, True).as_py() + 1 + row_offset
         raise ValueError(f"{url}: row {n} has an empty uri")
     uri = _resolve_column(uri, _to_url(url, posixpath.dirname(path)))
     table = table.set_column(table.column_names.index("uri"), "uri", uri)
@@ -444,6 +452,13 @@ def _parquet_table(fs, path: str, url: str):
 
     with fs.open(path, "rb") as f:
         return pq.read_table(f)
+
+
+def _parquet_row_groups(fs, path: str, url: str, row_groups: list[int]):
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read_row_groups(row_groups)
 
 
 def _csv_table(fs, path: str, url: str):
@@ -615,19 +630,35 @@ def build_manifest_table(
     duplicate clip ids wins. A file that cannot be read is still listed (its read fails later, as that input's
     error row); directories that cannot be listed go to ``unreadable`` (see `list_media_entries`).
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if manifest_format(source):
         table = read_manifest_table(source, **options)
         given_version = "source_version" in table.column_names
     else:
-        entries = list_media_entries(source, kinds=kinds, unreadable=unreadable, **options)
-        table = (pa.Table.from_pylist(entries) if entries
-                 else pa.table({"uri": pa.array([], pa.string()), "source_version": pa.array([], pa.string())}))
-        table = _put(table, "uri", _as_strings(table.column("uri")))
+        table = listing_table(source, kinds=kinds, unreadable=unreadable, **options)
         given_version = True
+    return normalize_manifest_table(table, source, given_version=given_version, prompt=prompt)
+
+
+def listing_table(source: str, *, kinds: Iterable[str] = ("video", "image"), unreadable: list[str] | None = None,
+                  **options: Any):
+    """The media files under ``source`` (`list_media_entries`) as an Arrow table: ``uri``, ``source_version``."""
+    import pyarrow as pa
+
+    entries = list_media_entries(source, kinds=kinds, unreadable=unreadable, **options)
+    table = (pa.Table.from_pylist(entries) if entries
+             else pa.table({"uri": pa.array([], pa.string()), "source_version": pa.array([], pa.string())}))
+    return _put(table, "uri", _as_strings(table.column("uri")))
+
+
+def normalize_manifest_table(table, source: str, *, given_version: bool, prompt: str | None = None):
+    """The second half of `build_manifest_table`, on a table already read (a whole manifest or listing, or one
+    chunk of it in the distributed plan): clip ids, duplicates dropped (the first row wins), prompt, kind and
+    source version filled in. ``given_version``: the table's own ``source_version`` column counts (a listing's,
+    or a manifest's that has one); otherwise local files are stat'ed."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     names = table.column_names
 
     def given(name: str):  # a string column, "" as null; all null when the manifest has no such column
@@ -687,6 +718,8 @@ def _sniff_kind(uri: str) -> str | None:
 __all__ = [
     "build_manifest",
     "build_manifest_table",
+    "listing_table",
+    "normalize_manifest_table",
     "clip_id",
     "filesystem_for",
     "is_transient",

@@ -28,6 +28,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 ENGINES = ("real", "fake")
 BATCHING = ("continuous", "static")
 PREPROCESS = ("cpu-stage", "in-actor")
+PLANS = ("auto", "driver", "distributed")
 # The flag of each AnnotateConfig field (and CompressionConfig field), so a message names what to change.
 FLAGS = {
     "decode_timeout_s": "--decode-timeout", "progress": "--no-progress", "temperature": "--temperature-entropy",
@@ -103,6 +104,9 @@ class AnnotateConfig:
     new_config: bool = False
     only_new: bool = False
     fingerprint_code_version: bool = False
+    # Where the plan runs (pipeline/batch/plan.py): "driver", "distributed" (Ray tasks, one clip-id range each:
+    # partitioned.py), or "auto" (distributed for a manifest of at least 1M rows / 256 MB)
+    plan: str = "auto"
     max_task_retries: int = 2  # retries of a batch whose actor died (then its rows become error rows)
 
     def __post_init__(self) -> None:
@@ -229,6 +233,8 @@ def _validate(cfg: AnnotateConfig) -> None:
     whole("max_actors", 1, optional=True)
     if cfg.max_actors is not None and cfg.max_actors < cfg.num_actors:
         fail("max_actors", f"must be >= --num-actors ({cfg.num_actors}), got {cfg.max_actors}")
+    if hasattr(cfg, "plan") and cfg.plan not in PLANS:
+        fail("plan", f"must be one of {', '.join(PLANS)}, got {cfg.plan!r}")
     if cfg.preprocess not in PREPROCESS:
         fail("preprocess", f"must be one of {', '.join(PREPROCESS)}, got {cfg.preprocess!r}")
     whole("preprocess_workers", 1)
@@ -350,6 +356,9 @@ def add_annotate_args(p: argparse.ArgumentParser) -> None:
                    "(default: a rerun also retries error rows and inputs whose bytes changed)")
     p.add_argument("--fingerprint-code-version", action="store_true", help="make the code version part of the "
                    "run's configuration fingerprint (a rerun with other code is then refused)")
+    p.add_argument("--plan", default=d.plan, choices=PLANS, help="where the plan (manifest, resume) runs: on the "
+                   "driver, or distributed in Ray tasks, one clip-id range each, the driver holding a few numbers "
+                   "per range (default auto: distributed for a manifest of >= 1M rows or >= 256 MB)")
     p.add_argument("--max-task-retries", type=int, default=d.max_task_retries, help="retries of a batch whose "
                    "actor died (crash, OOM kill); after them its inputs become error rows (stage 'worker')")
 

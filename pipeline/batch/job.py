@@ -41,7 +41,7 @@ from typing import Any
 from .. import storage
 from .config import AnnotateConfig
 from .layout import RunLayout
-from .plan import Tasks, finish_manifest, plan_run, read_done_rows, remove_plan
+from .plan import Tasks, finish_manifest, plan_run, read_done_rows, remove_plan, wants_distributed
 from .progress import Progress
 from .results import format_summary, summarize
 from .stages import Annotator, Preprocess, decode_media
@@ -78,6 +78,8 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
 
     cfg = preflight(cfg)  # model / input / output checked (PreflightError) before anything is written
     t_start = time.time()
+    if wants_distributed(cfg):
+        _init_ray(cfg)  # the plan's own tasks run on the cluster (partitioned.py)
     manifest, tasks, info = plan_run(cfg)
     print(f"[meda] run {info['run_id']}: {info['n_inputs']} inputs, {info['n_done_before']} rows already written, "
           f"{info['n_pending']} to do -> {cfg.output}", file=sys.stderr, flush=True)
@@ -206,6 +208,10 @@ def _lost_row_ids(cfg: AnnotateConfig, info: dict[str, Any], tasks: Tasks, t_pla
     import pyarrow.compute as pc
 
     since = dt.datetime.fromtimestamp(t_plan, dt.timezone.utc) - dt.timedelta(seconds=1)
+    if tasks.bounds is not None:  # a distributed plan: the same anti-join, range by range in Ray tasks
+        from .partitioned import lost_row_ids
+
+        return lost_row_ids(cfg, info, tasks, int(since.timestamp() * 1e6))
     latest = read_done_rows(cfg, info["config_key"], info.get("legacy_key")).latest
     created = latest.column("created_at")  # as epoch microseconds (files may store ms, us or naive UTC)
     created = created.cast(pa.timestamp("us", tz=getattr(created.type, "tz", None))).cast(pa.int64())

@@ -11,6 +11,10 @@
                                     "lost-N": the retry round of the rows lost with their batch), read by Ray
                                     Data; each attempt's directory is emptied before it is written, and _plan/
                                     is removed when the run ends
+      _plan/stage-<name>/           the distributed plan's scratch (partitioned.py): in/in-NNNNN.parquet (one
+                                    normalised manifest chunk each), pNNNNN/*.parquet (the pieces of clip-id
+                                    range NNNNN: its inputs, previous versions and rows); removed once used.
+                                    Its task shards are named part-<range>-<k>.parquet
       rows/*.parquet                result rows, one file per written block; row_id = clip:method:config key
                                     (and worker-errors-*.parquet: rows of batches Ray gave up on)
       _partial/...                  unreadable row files (a killed write) moved aside on resume
@@ -71,6 +75,31 @@ class RunLayout:
         if not attempt or "/" in attempt:
             raise ValueError(f"bad plan attempt name {attempt!r}")
         return join(self.output, PLAN, attempt)
+
+    @staticmethod
+    def range_part(directory: str, partition: int, index: int) -> str:
+        """The ``index``-th shard of clip-id range ``partition`` under ``directory`` (the distributed plan's)."""
+        return join(directory, f"part-{partition:05d}-{index:04d}.parquet")
+
+    def stage(self, name: str) -> str:
+        """The distributed plan's scratch directory ``name`` ("plan", "lost")."""
+        if not name or "/" in name:
+            raise ValueError(f"bad stage name {name!r}")
+        return join(self.output, PLAN, f"stage-{name}")
+
+    @staticmethod
+    def stage_input(stage: str, chunk: int) -> str:
+        """One normalised manifest chunk in a stage directory."""
+        return join(stage, "in", f"in-{chunk:05d}.parquet")
+
+    @staticmethod
+    def stage_piece(stage: str, partition: int, name: str) -> str:
+        """A piece of clip-id range ``partition`` in a stage directory."""
+        return join(stage, f"p{partition:05d}", f"{name}.parquet")
+
+    @staticmethod
+    def stage_range(stage: str, partition: int) -> str:
+        return join(stage, f"p{partition:05d}")
 
     def worker_errors(self, stamp: str) -> str:
         """The row file of the batches Ray gave up on, written at ``stamp`` (a time and a pid)."""

@@ -207,14 +207,23 @@ def _read_row_keys(output: str, opts: dict[str, Any]):
     import pyarrow.parquet as pq
 
     fs, out_root = storage.filesystem_for(output, **opts)
-    layout = RunLayout(out_root)
-    root = layout.rows
+    root = RunLayout(out_root).rows
     fs.invalidate_cache(root)  # another process (or Ray's workers) may have written since we last listed
     if not fs.exists(root):
         return None, 0
-    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    return read_row_keys_of(output, sorted(p for p in fs.find(root) if p.endswith(".parquet")), opts)
+
+
+def read_row_keys_of(output: str, paths: list[str], opts: dict[str, Any]):
+    """`_read_row_keys` of the row files ``paths`` (as the output's filesystem spells them; in this order)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
     if not paths:
         return None, 0
+    fs, out_root = storage.filesystem_for(output, **opts)
+    layout = RunLayout(out_root)
     pa_fs, _ = storage.pyarrow_filesystem_for(output, **opts)
     try:
         return pads.dataset(paths, filesystem=pa_fs, format="parquet").to_table(columns=list(ROW_KEY_COLUMNS)), 0
@@ -290,6 +299,7 @@ class Tasks:
     url: str
     n: int
     storage_options: dict[str, Any] = field(default_factory=dict)
+    bounds: list[str] | None = None  # a distributed plan's clip-id range bounds (its shards: part-<range>-<k>)
 
     def __len__(self) -> int:
         return self.n
@@ -349,6 +359,13 @@ def write_manifest(table, cfg: AnnotateConfig) -> str:
     opts = cfg.storage_options()
     parts = (table.slice(s, MANIFEST_ROWS_PER_PART) for s in range(0, max(1, table.num_rows), MANIFEST_ROWS_PER_PART))
     _write_parts(parts, layout.manifest_staging, opts)
+    return swap_manifest(cfg)
+
+
+def swap_manifest(cfg: AnnotateConfig) -> str:
+    """Move the shards under manifest.parquet.new/ over the previous manifest; returns the manifest's URL."""
+    layout = RunLayout(cfg.output)
+    opts = cfg.storage_options()
     fs, final = storage.filesystem_for(layout.manifest, **opts)
     _, staging = storage.filesystem_for(layout.manifest_staging, **opts)
     fs.invalidate_cache(final.rsplit("/", 1)[0])
@@ -368,9 +385,6 @@ def _read_manifest_versions(cfg: AnnotateConfig):
     """(clip_id, made_from) per the run's previous manifest: the version of the bytes each input's rows were made
     from (``rows_version``, else ``source_version``); None without a readable previous manifest (an unreadable
     one, a killed write, only loses change detection)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     opts = cfg.storage_options()
     url = RunLayout(cfg.output).manifest
     fs, path = storage.filesystem_for(url, **opts)
@@ -384,6 +398,16 @@ def _read_manifest_versions(cfg: AnnotateConfig):
             return None
         t = ds.to_table(columns=cols)
     except Exception:  # noqa: BLE001
+        return None
+    return manifest_versions(t)
+
+
+def manifest_versions(t):
+    """(clip_id, made_from) of a manifest table (`_read_manifest_versions`); None without a clip_id column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "clip_id" not in t.column_names:
         return None
 
     def col(name):
@@ -433,20 +457,83 @@ def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
     written) for a rerun with another configuration without ``cfg.new_config``.
 
     Columnar throughout: the manifest is an Arrow table, the resume an anti-join of the tasks' row ids against
-    the latest row of each row_id already written (`read_done_rows`), both in pyarrow's C++ kernels on the
-    driver; the driver holds the manifest's columns and the narrow (position, method, row_id, status) task
-    columns, never one Python object per entry (docs/pipeline.md, "Planning" for the bytes per entry)."""
-    import numpy as np
-    import pyarrow as pa
+    the latest row of each row_id already written (`read_done_rows`), in pyarrow's C++ kernels. On the driver
+    (``--plan driver``) the driver holds the manifest's columns and the narrow task columns, never one Python
+    object per entry (docs/pipeline.md, "Planning" for the bytes per entry); with ``--plan distributed``
+    (`partitioned.py`) the same `plan_slice` runs in Ray tasks, one clip-id range of the corpus each, and
+    the driver holds a few numbers per range."""
     import pyarrow.compute as pc
 
     opts = cfg.storage_options()
+    info, key = run_info(cfg)
+    if wants_distributed(cfg):
+        from .partitioned import plan_partitioned
+
+        return plan_partitioned(cfg, info, key)
+
     fs, out_root = storage.filesystem_for(cfg.output, **opts)
     layout = RunLayout(out_root)
+    unreadable: list[str] = []
+    table = storage.build_manifest_table(cfg.input, unreadable=unreadable, **opts)
+    table = table.take(pc.sort_indices(table.column("clip_id")))  # stable: listing / manifest order on ties
+    if cfg.limit is not None:
+        table = table.slice(0, cfg.limit)
+    warn_unreadable(cfg, unreadable)
+    n = table.num_rows
+    existing = read_done_rows(cfg, key, info.get("legacy_key"))
+    sp = plan_slice(cfg, table, key=key, legacy_key=info.get("legacy_key"), latest=existing.latest,
+                    previous=_read_manifest_versions(cfg), offset=0, n_total=n)
+
+    fs.makedirs(out_root, exist_ok=True)
+    with fs.open(layout.run_json, "w") as f:
+        json.dump(info, f, indent=1, default=str)
+    manifest = Manifest(write_manifest(sp.table, cfg), n, sp.stale, sp.needs_finish, opts)
+    attempt = RunLayout(cfg.output).plan_attempt("tasks")
+    n_tasks = _write_parts(sp.task_parts(cfg), attempt, opts, task_schema())
+    tasks = Tasks(attempt, n_tasks, opts)
+    info.update(
+        n_inputs=n, n_done_before=existing.n_ok,
+        n_pending=n_tasks, n_retried_errors=sp.n_retried, n_changed_inputs=sp.n_changed,
+        n_redone_changed=sp.n_redone, n_errors_kept=sp.n_kept_errors, n_partial_moved=existing.moved,
+        n_other_config_rows=existing.other_config, n_unreadable_dirs=len(unreadable),
+        unreadable_dirs=unreadable[:100], n_stale_inputs=len(sp.stale), plan="driver",
+    )
+    return manifest, tasks, info
+
+
+DISTRIBUTED_PLAN_ROWS = 1_000_000  # --plan auto: a Parquet manifest with at least this many rows plans distributed
+DISTRIBUTED_PLAN_BYTES = 256 << 20  # ... or a CSV / JSONL manifest of at least this many bytes
+
+
+def wants_distributed(cfg: AnnotateConfig) -> bool:
+    """Whether this run plans in Ray tasks (`partitioned.py`): ``--plan distributed``, or ``--plan auto`` with a
+    manifest of at least `DISTRIBUTED_PLAN_ROWS` rows (Parquet: from its footer) or `DISTRIBUTED_PLAN_BYTES`
+    (CSV, JSONL). A listed prefix plans on the driver (the listing is the driver's anyway)."""
+    mode = getattr(cfg, "plan", "auto")
+    if mode != "auto":
+        return mode == "distributed"
+    fmt = storage.manifest_format(cfg.input)
+    if fmt is None:
+        return False
+    try:
+        fs, path = storage.filesystem_for(cfg.input, **cfg.storage_options())
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows >= DISTRIBUTED_PLAN_ROWS
+        return int(fs.size(path) or 0) >= DISTRIBUTED_PLAN_BYTES
+    except Exception:  # noqa: BLE001 - the plan itself reports an unreadable manifest
+        return False
+
+
+def run_info(cfg: AnnotateConfig) -> tuple[dict[str, Any], str]:
+    """(run.json's content for this run, the configuration key): the run's previous run.json checked against
+    this configuration (ConfigMismatch unless ``--new-config``), or a new run. Writes nothing."""
     version = code_version()
     fp = fingerprint(cfg, version)
     key = config_key(fp)
-    info = read_run_json(cfg.output, opts)
+    info = read_run_json(cfg.output, cfg.storage_options())
     if info is not None:
         if cfg.run_id and cfg.run_id != info["run_id"]:
             raise ValueError(f"{cfg.output} holds run {info['run_id']}; use another output for run {cfg.run_id}")
@@ -471,21 +558,54 @@ def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
         configs[info["config_key"]] = {"fingerprint": info.get("fingerprint")}
     configs.setdefault(key, {"fingerprint": fp, "first_used": time.time()})
     info.update(config=asdict(cfg), fingerprint=fp, config_key=key, code_version=version, updated=time.time())
+    return info, key
 
-    unreadable: list[str] = []
-    table = storage.build_manifest_table(cfg.input, unreadable=unreadable, **opts)
-    table = table.take(pc.sort_indices(table.column("clip_id")))  # stable: listing / manifest order on ties
-    if cfg.limit is not None:
-        table = table.slice(0, cfg.limit)
+
+def warn_unreadable(cfg: AnnotateConfig, unreadable: list[str]) -> None:
     if unreadable:
         print(f"[meda] warning: {len(unreadable)} director{'y' if len(unreadable) == 1 else 'ies'} under "
               f"{cfg.input} could not be listed (permissions?); their files are not in this run: "
               f"{', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}", file=sys.stderr, flush=True)
-    n = table.num_rows
 
+
+@dataclass
+class SlicePlan:
+    """The plan of a run's inputs ranked ``offset .. offset + len(table) - 1`` (all of them on the driver; one
+    clip-id range in the distributed plan): the manifest rows with ``rows_version``, the selected tasks as
+    (manifest position, row id, method) columns, and the counts run.json reports."""
+
+    table: Any
+    pos: Any
+    rid: Any
+    method: Any
+    stale: Any
+    needs_finish: bool
+    n_changed: int
+    n_retried: int
+    n_redone: int
+    n_kept_errors: int
+
+    def task_parts(self, cfg: AnnotateConfig):
+        """The task tables, `PLAN_ROWS_PER_PART` rows each (built one at a time)."""
+        for s in range(0, len(self.pos), PLAN_ROWS_PER_PART):
+            yield _task_part(cfg, self.table, self.pos.slice(s, PLAN_ROWS_PER_PART),
+                             self.rid.slice(s, PLAN_ROWS_PER_PART), self.method.slice(s, PLAN_ROWS_PER_PART))
+
+
+def plan_slice(cfg: AnnotateConfig, table, *, key: str, legacy_key: str | None, latest, previous, offset: int,
+               n_total: int) -> SlicePlan:
+    """Plan the inputs of ``table`` (sorted by clip id, no duplicates; ranked from ``offset`` among the run's
+    ``n_total``): change detection against ``previous`` (clip_id, made_from; None without a previous manifest),
+    the (clip, method) tasks (the baseline sample by rank), the anti-join against ``latest`` (each row id's
+    latest row; rows of other clips are ignored). Everything a row depends on is its own clip's, so the
+    distributed plan gets the driver's plan range by range."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = table.num_rows
     # Inputs whose bytes changed since their rows were made: compare with what the previous manifest says
     # the rows were made from (`rows_version`; set to the current `source_version` once a run completes).
-    previous = _read_manifest_versions(cfg)
     now = table.column("source_version")
     if previous is not None and previous.num_rows:
         made_from = pc.take(previous.column("made_from"),
@@ -500,8 +620,8 @@ def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
 
     # The (clip, method) pairs: every input with the main method, the baseline sample also with the baseline;
     # in manifest order, an input's methods side by side (decode reads it once).
-    existing = read_done_rows(cfg, key, info.get("legacy_key"))
-    methods, n_sample = _methods(cfg, n)
+    methods, n_sample_all = _methods(cfg, n_total)
+    n_sample = min(n, max(0, n_sample_all - offset))
     pos = np.concatenate([np.arange(n, dtype=np.int64), np.arange(n_sample, dtype=np.int64)])
     which = np.concatenate([np.zeros(n, np.int8), np.ones(n_sample, np.int8)])
     order = np.lexsort((which, pos))
@@ -509,11 +629,11 @@ def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
     method = pc.take(pa.array(methods, pa.string()), pa.array(which))
     clip = pc.take(table.column("clip_id"), pa.array(pos))
     rid = pc.binary_join_element_wise(clip, ":", method, "@" + key, "")
-    done_ids = existing.latest.column("row_id")
-    if info.get("legacy_key") == key:  # keep a pre-fingerprint run's ids (and resume it)
+    done_ids = latest.column("row_id")
+    if legacy_key == key:  # keep a pre-fingerprint run's ids (and resume it)
         legacy = pc.binary_join_element_wise(clip, ":", method, "")
         rid = pc.if_else(pc.is_in(rid, value_set=done_ids), rid, legacy)
-    status = anti_join_status(rid, existing.latest)
+    status = anti_join_status(rid, latest)
     has = pc.is_valid(status)
     ok = pc.fill_null(pc.equal(status, "ok"), False)
     failed = pc.and_(has, pc.invert(ok))  # a transient read error, a config error, an input repaired since, ...
@@ -537,25 +657,8 @@ def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
     rv, sv = table.column("rows_version"), table.column("source_version")
     same = pc.or_(pc.fill_null(pc.equal(rv, sv), False), pc.and_(pc.is_null(rv), pc.is_null(sv)))
     needs_finish = _count(pc.and_(pc.invert(same), pc.invert(stale))) > 0
-
-    fs.makedirs(out_root, exist_ok=True)
-    with fs.open(layout.run_json, "w") as f:
-        json.dump(info, f, indent=1, default=str)
-    manifest = Manifest(write_manifest(table, cfg), n, stale_clips, needs_finish, opts)
-    parts = (_task_part(cfg, table, sel_pos.slice(s, PLAN_ROWS_PER_PART), sel_rid.slice(s, PLAN_ROWS_PER_PART),
-                        sel_method.slice(s, PLAN_ROWS_PER_PART))
-             for s in range(0, len(sel_pos), PLAN_ROWS_PER_PART))
-    attempt = RunLayout(cfg.output).plan_attempt("tasks")
-    n_tasks = _write_parts(parts, attempt, opts, task_schema())
-    tasks = Tasks(attempt, n_tasks, opts)
-    info.update(
-        n_inputs=n, n_done_before=existing.n_ok,
-        n_pending=n_tasks, n_retried_errors=n_retried, n_changed_inputs=_count(changed),
-        n_redone_changed=n_redone, n_errors_kept=n_kept_errors, n_partial_moved=existing.moved,
-        n_other_config_rows=existing.other_config, n_unreadable_dirs=len(unreadable),
-        unreadable_dirs=unreadable[:100], n_stale_inputs=len(stale_clips),
-    )
-    return manifest, tasks, info
+    return SlicePlan(table, sel_pos, sel_rid, sel_method, stale_clips, needs_finish, _count(changed), n_retried,
+                     n_redone, n_kept_errors)
 
 
 def anti_join_status(row_ids, latest):
