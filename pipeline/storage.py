@@ -432,7 +432,7 @@ def read_manifest_table(url: str, *, row_groups: list[int] | None = None, row_of
         raise ValueError(f"{url}: row groups are a Parquet manifest's; this one is {fmt}")
     reader = {"parquet": _parquet_table, "csv": _csv_table, "jsonl": _jsonl_table}[fmt]
     if row_groups is not None:
-        reader = functools.partial(_parquet_row_groups, row_groups=row_groups)
+        reader = functools.partial(_parquet_table, row_groups=row_groups)
     table = retry(lambda: reader(fs, path, url))
     _require_uri(table.column_names, url)
     uri = pc.utf8_trim_whitespace(_as_strings(table.column("uri")))
@@ -447,18 +447,11 @@ def read_manifest_table(url: str, *, row_groups: list[int] | None = None, row_of
     return _put(table, "prompt", prompt)
 
 
-def _parquet_table(fs, path: str, url: str):
+def _parquet_table(fs, path: str, url: str, row_groups: list[int] | None = None):
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
-
-
-def _parquet_row_groups(fs, path: str, url: str, row_groups: list[int]):
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read_row_groups(row_groups)
+        return pq.read_table(f) if row_groups is None else pq.ParquetFile(f).read_row_groups(row_groups)
 
 
 def _csv_table(fs, path: str, url: str):

@@ -78,9 +78,10 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
 
     cfg = preflight(cfg)  # model / input / output checked (PreflightError) before anything is written
     t_start = time.time()
-    if wants_distributed(cfg):
+    distributed = wants_distributed(cfg)  # reads a Parquet manifest's footer: once
+    if distributed:
         _init_ray(cfg)  # the plan's own tasks run on the cluster (partitioned.py)
-    manifest, tasks, info = plan_run(cfg)
+    manifest, tasks, info = plan_run(cfg, distributed=distributed)
     print(f"[meda] run {info['run_id']}: {info['n_inputs']} inputs, {info['n_done_before']} rows already written, "
           f"{info['n_pending']} to do -> {cfg.output}", file=sys.stderr, flush=True)
     _print_rerun_notes(info)

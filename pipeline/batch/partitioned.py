@@ -204,15 +204,15 @@ def _route_rows(output: str, paths: list[str], group: int, bounds: list[str], ke
     return moved, other
 
 
-def _route_previous(manifest_url: str, shard: int, bounds: list[str], stage: str, opts: dict[str, Any]) -> None:
-    """Route (clip_id, made_from) of the previous manifest's ``shard``-th file to the ranges; an unreadable
-    shard only loses change detection for its inputs (as on the driver)."""
+def _route_previous(manifest_url: str, path: str, shard: int, bounds: list[str], stage: str,
+                    opts: dict[str, Any]) -> None:
+    """Route (clip_id, made_from) of the previous manifest's file ``path`` (its ``shard``-th) to the ranges; an
+    unreadable shard only loses change detection for its inputs (as on the driver)."""
     import pyarrow.parquet as pq
 
-    fs, root = storage.filesystem_for(manifest_url, **opts)
-    files = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    fs, _ = storage.filesystem_for(manifest_url, **opts)
     try:
-        with fs.open(files[shard], "rb") as f:
+        with fs.open(path, "rb") as f:
             t = pq.read_table(f)
     except Exception:  # noqa: BLE001
         return
@@ -343,8 +343,8 @@ def plan_partitioned(cfg: AnnotateConfig, info: dict[str, Any], key: str):
     pfs, ppath = storage.filesystem_for(prev_url, **opts)
     pfs.invalidate_cache(ppath.rsplit("/", 1)[0])
     if pfs.exists(ppath):
-        n_prev = 1 if pfs.isfile(ppath) else len([p for p in pfs.find(ppath) if p.endswith(".parquet")])
-        _map(_route_previous, [(prev_url, s, bounds, stage, opts) for s in range(n_prev)])
+        shards = [ppath] if pfs.isfile(ppath) else sorted(p for p in pfs.find(ppath) if p.endswith(".parquet"))
+        _map(_route_previous, [(prev_url, path, s, bounds, stage, opts) for s, path in enumerate(shards)])
     sizes = _map(_sort_range, [(stage, j, opts) for j in range(n_ranges)])
 
     n_total = sum(sizes) if cfg.limit is None else min(cfg.limit, sum(sizes))

@@ -451,7 +451,7 @@ def finish_manifest(manifest: Manifest, cfg: AnnotateConfig) -> None:
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
+def plan_run(cfg: AnnotateConfig, *, distributed: bool | None = None) -> tuple[Manifest, Tasks, dict[str, Any]]:
     """Check the configuration against the run's, write run.json, the manifest (shards) and the pending tasks
     (shards under OUTPUT/_plan/tasks/); return (manifest, tasks, run info). Raises ConfigMismatch (nothing
     written) for a rerun with another configuration without ``cfg.new_config``.
@@ -461,12 +461,13 @@ def plan_run(cfg: AnnotateConfig) -> tuple[Manifest, Tasks, dict[str, Any]]:
     (``--plan driver``) the driver holds the manifest's columns and the narrow task columns, never one Python
     object per entry (docs/pipeline.md, "Planning" for the bytes per entry); with ``--plan distributed``
     (`partitioned.py`) the same `plan_slice` runs in Ray tasks, one clip-id range of the corpus each, and
-    the driver holds a few numbers per range."""
+    the driver holds a few numbers per range. ``distributed``: `wants_distributed` already decided by the
+    caller (None: decided here)."""
     import pyarrow.compute as pc
 
     opts = cfg.storage_options()
     info, key = run_info(cfg)
-    if wants_distributed(cfg):
+    if wants_distributed(cfg) if distributed is None else distributed:
         from .partitioned import plan_partitioned
 
         return plan_partitioned(cfg, info, key)
